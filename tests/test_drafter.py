@@ -1,0 +1,322 @@
+"""DiffusionDrafter: exactness of the draft laws (enumeration), properties and input errors."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from vllm_specdiff import DiffusionDrafter, SEDD, SEDDConfig
+from vllm_specdiff.diffusion import time_grid, total_noise, unmask_probability
+from vllm_specdiff.drafter import tempered_probs
+
+VOCAB = 4
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "markov-sedd"
+
+
+def markov_sedd() -> SEDD:
+    """A tiny trained SEDD (4 tokens, see fixtures/make_markov_sedd.py): strongly dependent
+    positions and calibrated scores, in float64 so enumerated laws are exact to ~1e-15."""
+    return SEDD.from_pretrained(FIXTURE, dtype=torch.float64).requires_grad_(False)
+
+
+def random_sedd(tokens: int = 30, length: int = 32, seed: int = 0) -> SEDD:
+    """Random weights with non-zero adaLN paths and order-1 logits (spread-out draft rows)."""
+    torch.manual_seed(seed)
+    model = SEDD(SEDDConfig(tokens=tokens, hidden_size=64, cond_dim=32, length=length,
+                            n_blocks=2, n_heads=2)).eval()
+    for name, param in model.named_parameters():
+        if "adaLN" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    torch.nn.init.normal_(model.output_layer.linear.weight, std=0.1)
+    return model.requires_grad_(False)
+
+
+def target_law(prefix: tuple[int, ...]) -> torch.Tensor:
+    """A tiny 'target LM': a fixed random next-token law for every prefix (float64 [VOCAB])."""
+    gen = torch.Generator().manual_seed(hash(("target",) + prefix) % (2**31))
+    return torch.softmax(1.5 * torch.randn(VOCAB, generator=gen, dtype=torch.float64), -1)
+
+
+def continuation_law(prefix: tuple[int, ...], horizon: int) -> dict[tuple[int, ...], float]:
+    law = {(): 1.0}
+    for _ in range(horizon):
+        law = {seq + (y,): w * float(target_law(prefix + seq)[y]) for seq, w in law.items() for y in range(VOCAB)}
+    return law
+
+
+def round_output_law(context, drafts, horizon) -> dict[tuple[int, ...], float]:
+    """Exact law of one speculative round (Leviathan et al. 2023, Alg. 1), extended to `horizon`
+    tokens by the target. drafts: iterable of (draft tokens, probability, recorded draft rows)."""
+    out: dict[tuple[int, ...], float] = defaultdict(float)
+
+    def emit(seq, weight):
+        for tail, w in continuation_law(tuple(context) + seq, horizon - len(seq)).items():
+            out[seq + tail] += weight * w
+
+    for tokens, draft_weight, draft_rows in drafts:
+        reach, prefix = draft_weight, ()
+        for token, draft_row in zip(tokens, draft_rows):
+            target_row = target_law(tuple(context) + prefix)
+            accept = min(1.0, float(target_row[token] / draft_row[token]))
+            residual = torch.clamp(target_row - draft_row, min=0)
+            if residual.sum() > 0:
+                residual = residual / residual.sum()
+                for y in range(VOCAB):
+                    if residual[y] > 0:
+                        emit(prefix + (y,), reach * (1 - accept) * float(residual[y]))
+            reach *= accept
+            prefix += (token,)
+        target_row = target_law(tuple(context) + prefix)
+        for y in range(VOCAB):
+            emit(prefix + (y,), reach * float(target_row[y]))
+    return out
+
+
+def total_variation(law_a, law_b) -> float:
+    return 0.5 * sum(abs(law_a.get(k, 0.0) - law_b.get(k, 0.0)) for k in set(law_a) | set(law_b))
+
+
+def initial_indices(drafter: DiffusionDrafter, context):
+    prefix = list(context[-(drafter.window - drafter.num_draft_tokens):])
+    indices = torch.tensor([prefix + [drafter.mask_token_id] * drafter.num_draft_tokens])
+    positions = len(prefix) + torch.arange(drafter.num_draft_tokens)[None]
+    return indices, positions
+
+
+def normalized(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.double()
+    return rows / rows.sum(-1, keepdim=True)
+
+
+def enumerate_left_to_right(drafter: DiffusionDrafter, context):
+    """Every draft with its probability and recorded rows, by walking the drafter's own steps."""
+    indices, positions = initial_indices(drafter, context)
+    grid = time_grid(drafter.num_steps)
+    paths = [((), 1.0, [])]
+    for step in range(drafter.num_steps):
+        start, end = drafter.block_bounds[step], drafter.block_bounds[step + 1]
+        next_paths = []
+        for tokens, weight, rows in paths:
+            current = indices.clone()
+            current[0, positions[0, :len(tokens)]] = torch.tensor(tokens, dtype=torch.long)
+            log_score = drafter._log_scores(current, None, positions[:, start:end], grid[step])
+            block_rows = normalized(tempered_probs(log_score[..., :-1], torch.ones(1))[0])
+            for block in itertools.product(range(VOCAB), repeat=end - start):
+                w = weight * float(torch.prod(block_rows[torch.arange(end - start), list(block)]))
+                next_paths.append((tokens + block, w, rows + list(block_rows)))
+        paths = next_paths
+    return paths
+
+
+def enumerate_random_order(drafter: DiffusionDrafter, context):
+    """Every path of the analytic sampler: (draft tokens, probability, rows recorded at unmasking)."""
+    indices, positions = initial_indices(drafter, context)
+    num_draft = drafter.num_draft_tokens
+    grid = time_grid(drafter.num_steps)
+    paths = [((None,) * num_draft, 1.0, (None,) * num_draft)]
+    for step in range(drafter.num_steps):
+        next_paths = []
+        for tokens, weight, rows in paths:
+            current = indices.clone()
+            for j, token in enumerate(tokens):
+                if token is not None:
+                    current[0, positions[0, j]] = token
+            log_score = drafter._log_scores(current, None, positions, grid[step])
+            step_rows = normalized(tempered_probs(log_score[..., :-1], torch.ones(1))[0])
+            final = step == drafter.num_steps - 1
+            p_unmask = torch.ones(num_draft) if final else unmask_probability(
+                log_score, total_noise(grid[step]), total_noise(grid[step + 1]))[0]
+            options = []  # per position: list of (token or None, row or None, probability)
+            for j in range(num_draft):
+                if tokens[j] is not None:
+                    options.append([(tokens[j], rows[j], 1.0)])
+                    continue
+                choice = [(y, step_rows[j], float(p_unmask[j] * step_rows[j, y])) for y in range(VOCAB)]
+                if not final:
+                    choice.append((None, None, 1.0 - float(p_unmask[j])))
+                options.append(choice)
+            for combo in itertools.product(*options):
+                w = weight
+                for _, _, p in combo:
+                    w *= p
+                if w > 0:
+                    next_paths.append((tuple(c[0] for c in combo), w, tuple(c[1] for c in combo)))
+        paths = next_paths
+    return paths
+
+
+def draft_marginal(paths) -> dict[tuple[int, ...], float]:
+    law = defaultdict(float)
+    for tokens, weight, _ in paths:
+        law[tokens] += weight
+    return law
+
+
+CONTEXT = [1, 3, 0, 2, 2]
+
+
+@pytest.mark.parametrize("num_draft, num_steps", [(2, 1), (2, 2), (3, 2), (3, 3)])
+def test_left_to_right_full_q_verification_is_exact(num_draft, num_steps):
+    drafter = DiffusionDrafter(markov_sedd(), num_draft, num_steps)
+    paths = enumerate_left_to_right(drafter, CONTEXT)
+    assert abs(sum(w for _, w, _ in paths) - 1) < 1e-12
+    horizon = num_draft + 1
+    law = round_output_law(CONTEXT, paths, horizon)
+    target = continuation_law(tuple(CONTEXT), horizon)
+    assert total_variation(law, target) < 1e-9
+
+
+@pytest.mark.parametrize("num_draft, num_steps", [(2, 2), (3, 2)])
+def test_random_order_full_q_verification_is_not_exact(num_draft, num_steps):
+    drafter = DiffusionDrafter(markov_sedd(), num_draft, num_steps, order="random")
+    paths = enumerate_random_order(drafter, CONTEXT)
+    assert abs(sum(w for _, w, _ in paths) - 1) < 1e-12
+    horizon = num_draft + 1
+    error = total_variation(round_output_law(CONTEXT, paths, horizon),
+                            continuation_law(tuple(CONTEXT), horizon))
+    assert error > 1e-3, error  # measured ~1e-2: the recorded q is not the conditional law
+    # One-hot verification (draft rows = delta at the drafted token) is exact for the same drafts.
+    one_hot = [(tokens, w, [torch.nn.functional.one_hot(torch.tensor(t), VOCAB).double() for t in tokens])
+               for tokens, w, _ in paths]
+    assert total_variation(round_output_law(CONTEXT, one_hot, horizon),
+                           continuation_law(tuple(CONTEXT), horizon)) < 1e-9
+
+
+@pytest.mark.parametrize("order, enumerate_paths", [("left_to_right", enumerate_left_to_right),
+                                                    ("random", enumerate_random_order)])
+def test_drafter_samples_follow_the_enumerated_law(order, enumerate_paths):
+    """Ties the enumeration to draft(): empirical draft law of 20k drafts vs the enumerated law."""
+    drafter = DiffusionDrafter(markov_sedd(), 2, 2, order=order)
+    law = draft_marginal(enumerate_paths(drafter, CONTEXT))
+    num = 8000
+    drafter.model = drafter.model.float()  # the production dtype; the law was enumerated in float64
+    out = drafter.draft([CONTEXT] * num, generator=torch.Generator().manual_seed(0))
+    drafter.model = drafter.model.double()
+    counts = Counter(map(tuple, out.token_ids.tolist()))
+    keys = sorted(law)
+    observed = [counts.get(k, 0) for k in keys]
+    assert sum(observed) == num
+    assert chisquare(observed, [num * law[k] for k in keys]).pvalue > 1e-3
+    if order == "left_to_right":  # recorded rows are exactly the enumerated conditional rows
+        rows = {tokens: torch.stack(r) for tokens, _, r in enumerate_left_to_right(drafter, CONTEXT)}
+        for i in range(0, num, 397):
+            tokens = tuple(out.token_ids[i].tolist())
+            assert torch.allclose(normalized(out.draft_probs[i]), rows[tokens], atol=1e-6)
+
+
+def test_draft_probs_rows_are_distributions_covering_the_draft():
+    drafter = DiffusionDrafter(random_sedd(), 6, 3)
+    out = drafter.draft([[1, 2, 3], [4] * 9, [7]], temperature=[1.0, 0.7, 1.3],
+                        generator=torch.Generator().manual_seed(3))
+    assert out.token_ids.shape == (3, 6) and out.token_ids.dtype == torch.int64
+    assert out.draft_probs.shape == (3, 6, 30) and out.draft_probs.dtype == torch.float32
+    assert torch.allclose(out.draft_probs.sum(-1), torch.ones(3, 6), atol=1e-5)
+    assert (torch.gather(out.draft_probs, 2, out.token_ids[..., None]) > 0).all()
+    assert ((out.token_ids >= 0) & (out.token_ids < 30)).all()
+
+
+def test_temperature_zero_rows_are_argmax_with_one_hot_probs():
+    drafter = DiffusionDrafter(random_sedd(), 4, 2)
+    out = drafter.draft([[5, 6, 7], [5, 6, 7]], temperature=[0.0, 1.0],
+                        generator=torch.Generator().manual_seed(0))
+    greedy_probs = out.draft_probs[0]
+    assert torch.equal(greedy_probs.max(-1).values, torch.ones(4))
+    assert torch.equal(greedy_probs.argmax(-1), out.token_ids[0])
+    again = drafter.draft([[5, 6, 7]], temperature=0.0, generator=torch.Generator().manual_seed(99))
+    assert torch.equal(again.token_ids[0], out.token_ids[0])  # greedy ignores randomness
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "random"])
+def test_batch_equals_each_context_alone_under_per_row_generators(order):
+    drafter = DiffusionDrafter(random_sedd(), 5, 3, order=order, window=12)
+    contexts = [[1, 2, 3], list(range(20)), [9, 9], [4, 5, 6, 7, 8, 9, 10]]
+    seeds = [11, 12, 13, 14]
+    batch = drafter.draft(contexts, temperature=[1.0, 0.0, 0.8, 1.0],
+                          generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for row, (context, seed, temp) in enumerate(zip(contexts, seeds, [1.0, 0.0, 0.8, 1.0])):
+        alone = drafter.draft([context], temperature=temp, generator=[torch.Generator().manual_seed(seed)])
+        assert torch.equal(alone.token_ids[0], batch.token_ids[row])
+        assert torch.allclose(alone.draft_probs[0], batch.draft_probs[row], atol=1e-5)
+
+
+class ForwardRecorder:
+    """Wraps a SEDD model and records every forward's inputs."""
+
+    def __init__(self, model: SEDD) -> None:
+        self.model, self.calls = model, []
+        self.config = model.config
+        self.vocab_embed = model.vocab_embed
+
+    def __call__(self, indices, sigma_bar, attention_mask=None, output_positions=None):
+        self.calls.append((indices.clone(), output_positions.clone()))
+        return self.model(indices, sigma_bar, attention_mask=attention_mask, output_positions=output_positions)
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "random"])
+def test_prefix_and_unmasked_positions_never_change(order):
+    model = random_sedd()
+    drafter = DiffusionDrafter(model, 6, 3, order=order, window=10)
+    recorder = ForwardRecorder(model)
+    drafter.model = recorder
+    contexts = [list(range(1, 12)), [3, 4]]  # the first is longer than window - num_draft = 4
+    out = drafter.draft(contexts, generator=torch.Generator().manual_seed(0))
+    assert len(recorder.calls) == 3  # one batched forward per denoising step
+    mask_id = model.config.mask_token_id
+    for row, context in enumerate(contexts):
+        prefix = context[-4:]
+        seen: dict[int, int] = {}
+        for indices, _ in recorder.calls:
+            assert indices[row, :len(prefix)].tolist() == prefix
+            draft_slots = indices[row, len(prefix):len(prefix) + 6].tolist()
+            for j, token in enumerate(draft_slots):
+                if j in seen:
+                    assert token == seen[j], "an unmasked draft position changed"
+                elif token != mask_id:
+                    seen[j] = token
+        for j, token in seen.items():
+            assert out.token_ids[row, j] == token
+    if order == "left_to_right":
+        # The head runs only at the block being unmasked; the block is masked when it runs.
+        for step, (indices, positions) in enumerate(recorder.calls):
+            start, end = drafter.block_bounds[step], drafter.block_bounds[step + 1]
+            assert positions.shape[1] == end - start
+            assert (torch.gather(indices, 1, positions) == mask_id).all()
+            assert (torch.gather(indices, 1, positions[:, :1] - 1) != mask_id).all()
+    else:
+        for _, positions in recorder.calls:
+            assert positions.shape[1] == 6  # draft positions only, never the prefix
+
+
+def test_bad_inputs_give_clear_errors():
+    model = random_sedd()
+    with pytest.raises(ValueError, match="num_draft_tokens 0 out of range"):
+        DiffusionDrafter(model, 0, 1)
+    with pytest.raises(ValueError, match=r"num_draft_tokens 8 out of range.*window - 1 = 7"):
+        DiffusionDrafter(model, 8, 1, window=8)
+    with pytest.raises(ValueError, match="num_steps 0 out of range"):
+        DiffusionDrafter(model, 4, 0)
+    with pytest.raises(ValueError, match="num_steps 5 out of range"):
+        DiffusionDrafter(model, 4, 5)
+    with pytest.raises(ValueError, match="window 64 out of range"):
+        DiffusionDrafter(model, 4, 2, window=64)
+    with pytest.raises(ValueError, match="order 'middle_out' unknown"):
+        DiffusionDrafter(model, 4, 2, order="middle_out")
+    drafter = DiffusionDrafter(model, 4, 2)
+    with pytest.raises(ValueError, match="context 1 is empty"):
+        drafter.draft([[1], []])
+    with pytest.raises(ValueError, match="token id 30, outside the drafter's vocabulary"):
+        drafter.draft([[1, 30]])
+    with pytest.raises(ValueError, match="token id -1"):
+        drafter.draft([[-1]])
+    with pytest.raises(ValueError, match="at least one context"):
+        drafter.draft([])
+    with pytest.raises(ValueError, match="one per context"):
+        drafter.draft([[1], [2]], generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        drafter.draft([[1]], temperature=-1.0)

@@ -1,0 +1,24 @@
+"""vllm-specdiff: Speculative Diffusion Decoding for vLLM.
+
+`import vllm_specdiff` works without vLLM or a GPU: only the plugin glue imports vllm, lazily.
+"""
+from .diffusion import total_noise, rate_noise
+from .model import SEDD, SEDDConfig
+from .checkpoint import CheckpointError, SHORT_NAMES
+from .drafter import DiffusionDrafter, DraftOutput, Drafter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SEDD", "SEDDConfig", "CheckpointError", "DiffusionDrafter", "DraftOutput", "Drafter",
+    "speculative_generate", "total_noise", "rate_noise",
+]
+
+
+def __getattr__(name: str):
+    # The standalone loop pulls in transformers-facing code; import it on first use.
+    if name in ("speculative_generate", "AutoregressiveDrafter", "GenerationResult"):
+        from . import generate
+
+        return getattr(generate, name)
+    raise AttributeError(f"module 'vllm_specdiff' has no attribute {name!r}")

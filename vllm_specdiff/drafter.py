@@ -1,0 +1,208 @@
+"""Drafters: propose num_draft_tokens tokens per context and the law each was sampled from.
+
+`DiffusionDrafter` drafts a whole block with a SEDD model in num_steps parallel denoising steps.
+Its unmasking order is part of the correctness contract (shared/docs/lossless.md):
+
+- ``left_to_right`` (default): step i unmasks the i-th leftmost block of draft positions and samples
+  each from q_j = softmax(logits_j / temperature). Positions in a block are conditionally independent
+  given the earlier blocks and the context, so q_j is exactly the law of x_j given (context, x_<j):
+  speculative sampling with these draft_probs is lossless.
+- ``random``: the reference SEDD analytic (Tweedie tau-leaping) sampler; a position unmasks between t
+  and s with probability (e^delta - 1) sum_y s_y and its token is drawn from the same softmax. The
+  recorded q is NOT the conditional law of x_j given x_<j (later-unmasked left tokens saw x_j), so
+  full-q verification is only approximate. Verify its drafts one-hot for exactness.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .diffusion import sample_exponential_race, time_grid, total_noise, unmask_probability
+from .model import SEDD
+
+ORDERS = ("left_to_right", "random")
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class DraftOutput:
+    token_ids: torch.Tensor  # [batch, num_draft_tokens] int64
+    draft_probs: torch.Tensor  # [batch, num_draft_tokens, vocab] float32; row j = law x_j was drawn from
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """What verification needs from any drafter (diffusion or autoregressive)."""
+
+    vocab_size: int
+    num_draft_tokens: int
+
+    def draft(self, contexts: Sequence[Sequence[int]],
+              temperature: float | Sequence[float] | torch.Tensor = 1.0,
+              generator: Generators = None) -> DraftOutput: ...
+
+
+def validate_contexts(contexts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Clear errors for the inputs every drafter rejects."""
+    if len(contexts) == 0:
+        raise ValueError("draft() needs at least one context")
+    for row, context in enumerate(contexts):
+        if len(context) == 0:
+            raise ValueError(f"context {row} is empty: a drafter needs at least one token to "
+                             "condition on (start prompts with a BOS/EOS token)")
+        low, high = min(context), max(context)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"context {row} holds token id {bad}, outside the drafter's vocabulary "
+                             f"[0, {vocab_size}): the drafter and the target must share one tokenizer")
+
+
+def temperatures_tensor(temperature: float | Sequence[float] | torch.Tensor, batch: int,
+                        device: torch.device) -> torch.Tensor:
+    """Per-row draft temperatures as float32 [batch]; 0 means an argmax (greedy) draft."""
+    values = torch.as_tensor(temperature, dtype=torch.float32, device=device)
+    if values.ndim == 0:
+        values = values.expand(batch)
+    if values.shape != (batch,):
+        raise ValueError(f"temperature must be a float or one value per context ({batch}), "
+                         f"got shape {tuple(values.shape)}")
+    if bool((values < 0).any()):
+        raise ValueError("draft temperature must be >= 0 (0 = greedy/argmax drafts)")
+    return values
+
+
+def draw_noise(generator: Generators, batch: int, shape: tuple[int, ...], device: torch.device,
+               kind: str) -> torch.Tensor:
+    """Noise [batch, *shape]; with one generator per row, row r's noise depends only on generator r,
+    so a batch draws exactly what each context would draw alone."""
+    def fill(tensor: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return tensor.exponential_(generator=gen) if kind == "exponential" else tensor.uniform_(generator=gen)
+
+    if generator is None or isinstance(generator, torch.Generator):
+        return fill(torch.empty((batch, *shape), device=device), generator)
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for {batch} contexts: pass one per context")
+    return torch.stack([fill(torch.empty(shape, device=device), gen) for gen in generator])
+
+
+def tempered_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """softmax(logits / temperature) per row, one-hot argmax where temperature == 0.
+
+    logits: [batch, positions, vocab]; temperature: [batch]. Returns float32.
+    """
+    greedy = (temperature == 0)[:, None, None]
+    safe_temperature = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    probs = torch.softmax(logits.float() / safe_temperature[:, None, None], dim=-1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, probs)
+
+
+class DiffusionDrafter:
+    """Drafts num_draft_tokens tokens with num_steps SEDD forwards, one forward per step for the batch."""
+
+    def __init__(self, model: SEDD, num_draft_tokens: int, num_steps: int,
+                 order: str = "left_to_right", window: int | None = None) -> None:
+        config = model.config
+        window = config.length if window is None else window
+        if not 1 < window <= config.length:
+            raise ValueError(f"window {window} out of range: it must be in [2, {config.length}] "
+                             "(the drafter's trained length, config model.length)")
+        if not 1 <= num_draft_tokens < window:
+            raise ValueError(f"num_draft_tokens {num_draft_tokens} out of range: it must be in "
+                             f"[1, window - 1 = {window - 1}]; lower it or raise the window")
+        if order not in ORDERS:
+            raise ValueError(f"order {order!r} unknown: choose one of {ORDERS}")
+        if not 1 <= num_steps <= num_draft_tokens:
+            raise ValueError(f"num_steps {num_steps} out of range: it must be in [1, "
+                             f"num_draft_tokens = {num_draft_tokens}] (more steps than draft "
+                             "tokens would run forwards that unmask nothing)")
+        self.model = model
+        self.num_draft_tokens = num_draft_tokens
+        self.num_steps = num_steps
+        self.order = order
+        self.window = window
+        self.vocab_size = config.tokens
+        self.mask_token_id = config.mask_token_id
+        # Left-to-right block boundaries: step i unmasks positions [bounds[i], bounds[i + 1]).
+        self.block_bounds = [i * num_draft_tokens // num_steps for i in range(num_steps + 1)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.vocab_embed.embedding.device
+
+    @torch.inference_mode()
+    def draft(self, contexts: Sequence[Sequence[int]],
+              temperature: float | Sequence[float] | torch.Tensor = 1.0,
+              generator: Generators = None) -> DraftOutput:
+        """Draft for a ragged batch. `generator`: one torch.Generator for the batch, or one per context
+        (then row r's draft equals drafting context r alone with generator r)."""
+        validate_contexts(contexts, self.vocab_size)
+        batch, device = len(contexts), self.device
+        num_draft = self.num_draft_tokens
+        temperature = temperatures_tensor(temperature, batch, device)
+
+        # Each row: its last (window - num_draft) context tokens, num_draft masks, then padding.
+        prefixes = [list(context[-(self.window - num_draft):]) for context in contexts]
+        prefix_lens = torch.tensor([len(p) for p in prefixes], device=device)
+        length = int(prefix_lens.max()) + num_draft
+        indices = torch.full((batch, length), self.mask_token_id, dtype=torch.long, device=device)
+        for row, prefix in enumerate(prefixes):
+            indices[row, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        positions = torch.arange(length, device=device)
+        attention_mask = None
+        if bool((prefix_lens != prefix_lens[0]).any()):
+            attention_mask = positions[None] < (prefix_lens + num_draft)[:, None]  # [batch, length]
+        draft_positions = prefix_lens[:, None] + torch.arange(num_draft, device=device)  # [batch, num_draft]
+
+        draft_probs = torch.empty((batch, num_draft, self.vocab_size), dtype=torch.float32, device=device)
+        run = self._left_to_right if self.order == "left_to_right" else self._random_order
+        run(indices, attention_mask, draft_positions, temperature, generator, draft_probs)
+        token_ids = torch.gather(indices, 1, draft_positions)
+        return DraftOutput(token_ids=token_ids, draft_probs=draft_probs)
+
+    def _log_scores(self, indices: torch.Tensor, attention_mask: torch.Tensor | None,
+                    output_positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma_bar = total_noise(t).to(torch.float32).expand(indices.shape[0])
+        return self.model(indices, sigma_bar, attention_mask=attention_mask,
+                          output_positions=output_positions)
+
+    def _left_to_right(self, indices, attention_mask, draft_positions, temperature, generator,
+                       draft_probs) -> None:
+        grid = time_grid(self.num_steps, indices.device)
+        batch = indices.shape[0]
+        for step in range(self.num_steps):
+            start, end = self.block_bounds[step], self.block_bounds[step + 1]
+            block_positions = draft_positions[:, start:end]  # [batch, block]
+            log_score = self._log_scores(indices, attention_mask, block_positions, grid[step])
+            # The sigma offsets of scale_by_sigma cancel in the softmax; drop the mask column.
+            probs = tempered_probs(log_score[..., :-1], temperature)  # [batch, block, vocab]
+            exponential = draw_noise(generator, batch, tuple(probs.shape[1:]), indices.device,
+                                     "exponential")
+            tokens = sample_exponential_race(probs, exponential)
+            indices.scatter_(1, block_positions, tokens)
+            draft_probs[:, start:end] = probs
+
+    def _random_order(self, indices, attention_mask, draft_positions, temperature, generator,
+                      draft_probs) -> None:
+        grid = time_grid(self.num_steps, indices.device)
+        batch, num_draft = draft_positions.shape
+        still_masked = torch.ones((batch, num_draft), dtype=torch.bool, device=indices.device)
+        for step in range(self.num_steps):
+            t, s = grid[step], grid[step + 1]
+            log_score = self._log_scores(indices, attention_mask, draft_positions, t)
+            if step == self.num_steps - 1:
+                unmask = still_masked  # the final "denoise" step fills every remaining mask
+            else:
+                p_unmask = unmask_probability(log_score, total_noise(t), total_noise(s))
+                uniform = draw_noise(generator, batch, (num_draft,), indices.device, "uniform")
+                unmask = still_masked & (uniform < p_unmask)
+            probs = tempered_probs(log_score[..., :-1], temperature)  # [batch, num_draft, vocab]
+            exponential = draw_noise(generator, batch, tuple(probs.shape[1:]), indices.device,
+                                     "exponential")
+            tokens = sample_exponential_race(probs, exponential)
+            current = torch.gather(indices, 1, draft_positions)
+            indices.scatter_(1, draft_positions, torch.where(unmask, tokens, current))
+            draft_probs.copy_(torch.where(unmask[..., None], probs, draft_probs))
+            still_masked &= ~unmask

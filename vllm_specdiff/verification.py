@@ -1,0 +1,420 @@
+"""Batched lossless verification of draft tokens (speculative sampling).
+
+Implements Algorithm 1 of Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding" (also Chen et al. 2023) on vLLM's flattened ragged batch:
+
+- draft position i of a request, drafted token x_i drawn from draft law q_i, target law p_i:
+  accept x_i iff u_i * q_i(x_i) <= p_i(x_i), u_i ~ U[0, 1);
+- at the first rejection emit a recovered token ~ normalize(max(p_i - q_i, 0)) and stop;
+- if every draft is accepted emit a bonus token ~ p_{num_draft_tokens + 1}.
+
+p is the target law the output must follow: softmax(target_logits / temperature) after top-k then
+top-p filtering. One-hot verification (draft_probs=None) uses q_i = delta(x_i): accept with
+probability p_i(x_i), recover from p_i with x_i removed. It is exact for ANY drafting procedure;
+full-q verification is exact only when q_i is the law of x_i given the context and x_<i
+(shared/docs/lossless.md). Greedy rows (temperature 0) accept iff x_i == argmax p_i and emit the
+target argmax, so the output equals target greedy decoding.
+
+Random numbers are drawn outside (`draw_random`), so every implementation is a deterministic
+function of its inputs: `rejection_sample_reference` (pure PyTorch; the specification, CPU path and
+test oracle) and the Triton kernels in `vllm_specdiff.kernels.rejection` agree token for token
+under shared randomness. Categorical draws use the exponential race argmax(weights / E),
+E ~ Exp(1) i.i.d., which picks v with probability weights_v / sum(weights) without normalising and
+without host syncs. Edge cases: a draft token with q(x) = 0 is accepted (u * 0 <= p(x)), which is
+the limit of the rule; if max(p - q, 0) is all zero (p == q numerically) the recovered token is
+drawn from p.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+PLACEHOLDER_TOKEN_ID = -1
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+@dataclass(frozen=True)
+class RejectionOutput:
+    # [batch, max_draft_len + 1] int64: accepted draft tokens, then the recovered or bonus token,
+    # then PLACEHOLDER_TOKEN_ID.
+    output_token_ids: torch.Tensor
+    # [batch] int64: number of accepted DRAFT tokens (tokens emitted = num_accepted + 1).
+    num_accepted: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout of the flattened ragged batch (vLLM convention)
+# ------------------------------------------------------------------------------------------------
+
+def num_draft_tokens_per_request(cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """[batch] int64 draft lengths from the inclusive cumulative sum [batch]."""
+    cu = cu_num_draft_tokens.long()
+    return torch.diff(cu, prepend=cu.new_zeros(1))
+
+
+def request_index(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64: request id of each flattened entry, request b owning counts[b] entries.
+
+    `total` is passed (it is known from tensor shapes) so repeat_interleave needs no host sync.
+    """
+    requests = torch.arange(counts.shape[0], device=counts.device)
+    return torch.repeat_interleave(requests, counts, output_size=total)
+
+
+def _max_draft_len(cu_num_draft_tokens: torch.Tensor) -> int:
+    if cu_num_draft_tokens.shape[0] == 0:
+        return 0
+    # The one host sync this module allows: pass max_draft_len to avoid it.
+    return int(num_draft_tokens_per_request(cu_num_draft_tokens).max())
+
+
+def check_rejection_inputs(
+    draft_token_ids: torch.Tensor,
+    cu_num_draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    uniform_samples: torch.Tensor,
+    exponential_samples: torch.Tensor,
+    max_draft_len: int | None,
+) -> tuple[int, int, int]:
+    """Validate shapes, dtypes and devices; return (batch, num_tokens, vocab).
+
+    Raises ValueError naming the argument and what it should be. Values are only inspected when
+    cu_num_draft_tokens lives on the CPU (reading a device tensor would be a host sync).
+    """
+
+    def fail(name: str, tensor: torch.Tensor, expected: str) -> None:
+        raise ValueError(f"rejection_sample: {name} must be {expected}, got shape "
+                         f"{tuple(tensor.shape)} dtype {tensor.dtype}")
+
+    if draft_token_ids.ndim != 1 or draft_token_ids.dtype not in _INDEX_DTYPES:
+        fail("draft_token_ids", draft_token_ids, "a 1-D int32/int64 tensor [num_tokens]")
+    if cu_num_draft_tokens.ndim != 1 or cu_num_draft_tokens.dtype not in _INDEX_DTYPES:
+        fail("cu_num_draft_tokens", cu_num_draft_tokens, "a 1-D int32/int64 tensor [batch]")
+    num_tokens = draft_token_ids.shape[0]
+    batch = cu_num_draft_tokens.shape[0]
+    if target_logits.ndim != 2 or target_logits.dtype not in _LOGIT_DTYPES:
+        fail("target_logits", target_logits, "a 2-D float tensor [num_tokens + batch, vocab]")
+    vocab = target_logits.shape[1]
+    if target_logits.shape[0] != num_tokens + batch or vocab == 0:
+        fail("target_logits", target_logits,
+             f"[num_tokens + batch, vocab] = [{num_tokens} + {batch}, vocab > 0] (each request's "
+             "draft positions then its bonus position)")
+    if draft_probs is not None and (draft_probs.shape != (num_tokens, vocab)
+                                    or draft_probs.dtype not in _LOGIT_DTYPES):
+        fail("draft_probs", draft_probs, f"None or a float tensor [num_tokens, vocab] = "
+             f"[{num_tokens}, {vocab}]")
+    if temperature.shape != (batch,) or not temperature.is_floating_point():
+        fail("temperature", temperature, f"a float tensor [batch] = [{batch}]")
+    if top_k is not None and (top_k.shape != (batch,) or top_k.dtype not in _INDEX_DTYPES):
+        fail("top_k", top_k, f"None or an int32/int64 tensor [batch] = [{batch}]")
+    if top_p is not None and (top_p.shape != (batch,) or not top_p.is_floating_point()):
+        fail("top_p", top_p, f"None or a float tensor [batch] = [{batch}]")
+    if uniform_samples.shape != (num_tokens,) or uniform_samples.dtype != torch.float64:
+        fail("uniform_samples", uniform_samples, f"a float64 tensor [num_tokens] = [{num_tokens}] "
+             "(see draw_random)")
+    if exponential_samples.shape != (batch, vocab) or not exponential_samples.is_floating_point():
+        fail("exponential_samples", exponential_samples,
+             f"a float tensor [batch, vocab] = [{batch}, {vocab}] (see draw_random)")
+    if max_draft_len is not None and (not isinstance(max_draft_len, int) or max_draft_len < 0):
+        raise ValueError(f"rejection_sample: max_draft_len must be None or an int >= 0, "
+                         f"got {max_draft_len!r}")
+    named = {"draft_token_ids": draft_token_ids, "cu_num_draft_tokens": cu_num_draft_tokens,
+             "draft_probs": draft_probs, "temperature": temperature, "top_k": top_k,
+             "top_p": top_p, "uniform_samples": uniform_samples,
+             "exponential_samples": exponential_samples}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.device != target_logits.device:
+            raise ValueError(f"rejection_sample: {name} is on {tensor.device} but target_logits is "
+                             f"on {target_logits.device}; move all inputs to one device")
+    if cu_num_draft_tokens.device.type == "cpu" and batch > 0:
+        num_draft = num_draft_tokens_per_request(cu_num_draft_tokens)
+        if bool((num_draft < 0).any()) or int(cu_num_draft_tokens[-1]) != num_tokens:
+            raise ValueError("rejection_sample: cu_num_draft_tokens must be the inclusive "
+                             "cumulative sum of draft lengths ending at num_tokens="
+                             f"{num_tokens}, got {cu_num_draft_tokens.tolist()}")
+        if max_draft_len is not None and int(num_draft.max()) > max_draft_len:
+            raise ValueError(f"rejection_sample: max_draft_len={max_draft_len} is smaller than the "
+                             f"longest draft ({int(num_draft.max())} tokens)")
+    return batch, num_tokens, vocab
+
+
+# ------------------------------------------------------------------------------------------------
+# Target law: temperature, then top-k, then top-p
+# ------------------------------------------------------------------------------------------------
+
+def top_k_top_p_mask(
+    scaled_logits: torch.Tensor,  # [rows, vocab] float
+    top_k: torch.Tensor | None,  # [rows] int; <= 0 or >= vocab = off
+    top_p: torch.Tensor | None,  # [rows] float; >= 1 = off
+) -> torch.Tensor:
+    """[rows, vocab] bool, True where a token is filtered out (top-k first, then top-p).
+
+    Thresholds are on values, so tokens tied with the last kept one are kept: the mask does not
+    depend on how a sort orders ties. Top-p keeps the smallest prefix of the sorted law (after
+    top-k) whose mass reaches top_p, and always the most likely token.
+    """
+    rows, vocab = scaled_logits.shape
+    sorted_logits = scaled_logits.sort(dim=-1, descending=True).values  # [rows, vocab]
+    mask = torch.zeros_like(scaled_logits, dtype=torch.bool)
+    if top_k is not None:
+        keep_count = top_k.long()
+        keep_count = torch.where((keep_count <= 0) | (keep_count >= vocab),
+                                 torch.full_like(keep_count, vocab), keep_count)
+        kth_logit = sorted_logits.gather(1, (keep_count - 1).unsqueeze(1))  # [rows, 1]
+        mask |= scaled_logits < kth_logit
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_logit, float("-inf"))
+    if top_p is not None:
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [rows, vocab]
+        nucleus_mass = top_p.to(sorted_probs.dtype).unsqueeze(1)  # [rows, 1]
+        keep = (mass_before < nucleus_mass) | (nucleus_mass >= 1.0)
+        num_keep = keep.sum(dim=1, keepdim=True).clamp(min=1)  # a prefix: mass_before is sorted
+        last_kept_logit = sorted_logits.gather(1, num_keep - 1)  # [rows, 1]
+        mask |= scaled_logits < last_kept_logit
+    return mask
+
+
+def _row_parameters(
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    num_rows: int,
+    temperature: torch.Tensor,  # [batch]
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row (draft and bonus positions) temperature, top_k, top_p; greedy rows filter nothing."""
+    row_request = request_index(num_draft_tokens_per_request(cu_num_draft_tokens) + 1, num_rows)
+    is_greedy = (temperature == 0)[row_request]  # [num_rows]
+    row_temperature = torch.where(is_greedy, torch.ones_like(temperature[row_request]),
+                                  temperature[row_request])
+    row_top_k = None if top_k is None else top_k[row_request].masked_fill(is_greedy, 0)
+    row_top_p = None if top_p is None else top_p[row_request].masked_fill(is_greedy, 1.0)
+    return row_temperature, row_top_k, row_top_p
+
+
+def target_scaled_logits(
+    target_logits: torch.Tensor,  # [num_tokens + batch, vocab]
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    temperature: torch.Tensor,  # [batch]
+    top_k: torch.Tensor | None,  # [batch]
+    top_p: torch.Tensor | None,  # [batch]
+) -> torch.Tensor:
+    """[num_tokens + batch, vocab] logits / temperature, filtered tokens at -inf.
+
+    softmax of the result is the target law p. Computed in float32 (float64 for float64 input).
+    Greedy rows (temperature 0) are returned unscaled and unfiltered: their argmax is the target's
+    greedy token.
+    """
+    compute_dtype = torch.promote_types(target_logits.dtype, torch.float32)
+    row_temperature, row_top_k, row_top_p = _row_parameters(
+        cu_num_draft_tokens, target_logits.shape[0], temperature, top_k, top_p)
+    scaled = target_logits.to(compute_dtype) / row_temperature.to(compute_dtype).unsqueeze(1)
+    if row_top_k is None and row_top_p is None:
+        return scaled
+    return scaled.masked_fill(top_k_top_p_mask(scaled, row_top_k, row_top_p), float("-inf"))
+
+
+def mask_filtered_logits(
+    target_logits: torch.Tensor,  # [num_tokens + batch, vocab]
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    temperature: torch.Tensor,  # [batch]
+    top_k: torch.Tensor | None,  # [batch]
+    top_p: torch.Tensor | None,  # [batch]
+) -> torch.Tensor:
+    """target_logits (same dtype) with the tokens top-k/top-p filter out set to -inf.
+
+    The torch pre-pass of the Triton path: the mask is computed exactly as in
+    `target_scaled_logits`, so (masked / temperature) equals its result bit for bit.
+    """
+    if top_k is None and top_p is None:
+        return target_logits
+    row_temperature, row_top_k, row_top_p = _row_parameters(
+        cu_num_draft_tokens, target_logits.shape[0], temperature, top_k, top_p)
+    scaled = target_logits.float() / row_temperature.float().unsqueeze(1)
+    return target_logits.masked_fill(top_k_top_p_mask(scaled, row_top_k, row_top_p), float("-inf"))
+
+
+def exponential_race(
+    weights: torch.Tensor,  # [rows, vocab] >= 0, not necessarily normalised
+    exponential_samples: torch.Tensor,  # [rows, vocab] Exp(1)
+) -> torch.Tensor:
+    """[rows] int64 argmax(weights / E): token v with probability weights_v / sum(weights)."""
+    return (weights / exponential_samples).argmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random numbers
+# ------------------------------------------------------------------------------------------------
+
+def draw_random(
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    vocab_size: int,
+    generators: Generators,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw uniform_samples [num_tokens] float64 in [0, 1) and exponential_samples [batch, vocab]
+    float32 Exp(1).
+
+    generators: None (global RNG), one torch.Generator for the whole batch, or one per request
+    (None entries use the global RNG), which makes each request reproducible on its own. The sizes
+    are read from cu_num_draft_tokens on the host: pass it on the CPU to avoid a device sync.
+    Exponentials are clamped to the smallest normal float so weights / E is never 0 / 0.
+    """
+    cu = cu_num_draft_tokens.to("cpu", torch.int64)
+    batch = cu.shape[0]
+    num_tokens = int(cu[-1]) if batch > 0 else 0
+    per_request = generators is not None and not isinstance(generators, torch.Generator)
+    shared = None if per_request else generators
+    uniform_samples = torch.rand(num_tokens, dtype=torch.float64, device=device, generator=shared)
+    exponential_samples = torch.empty(batch, vocab_size, dtype=torch.float32, device=device)
+    exponential_samples.exponential_(generator=shared)
+    if per_request:
+        if len(generators) != batch:
+            raise ValueError(f"draw_random: got {len(generators)} generators for {batch} requests")
+        starts = (cu - num_draft_tokens_per_request(cu)).tolist()
+        for request, generator in enumerate(generators):
+            if generator is None:
+                continue
+            start, end = starts[request], int(cu[request])
+            uniform_samples[start:end] = torch.rand(end - start, dtype=torch.float64, device=device,
+                                                    generator=generator)
+            exponential_samples[request].exponential_(generator=generator)
+    exponential_samples.clamp_(min=torch.finfo(torch.float32).tiny)
+    return uniform_samples, exponential_samples
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification
+# ------------------------------------------------------------------------------------------------
+
+def rejection_sample_reference(
+    draft_token_ids: torch.Tensor,  # [num_tokens] int
+    cu_num_draft_tokens: torch.Tensor,  # [batch] int, inclusive cumulative sum of draft lengths
+    draft_probs: torch.Tensor | None,  # [num_tokens, vocab]; None = one-hot verification
+    target_logits: torch.Tensor,  # [num_tokens + batch, vocab]: per request drafts, then bonus
+    temperature: torch.Tensor,  # [batch] float; 0 = greedy
+    top_k: torch.Tensor | None,  # [batch] int; 0 or >= vocab = off
+    top_p: torch.Tensor | None,  # [batch] float; 1.0 = off
+    uniform_samples: torch.Tensor,  # [num_tokens] float64 in [0, 1)
+    exponential_samples: torch.Tensor,  # [batch, vocab] Exp(1): recovered OR bonus token race
+    max_draft_len: int | None = None,
+) -> RejectionOutput:
+    """Pure PyTorch speculative sampling (Leviathan et al. 2023, Algorithm 1), batched.
+
+    The specification of `rejection_sample`, its CPU path and the oracle of the kernel tests.
+    Vectorised over all draft positions (it computes a recovered token for every position and
+    keeps the one at the first rejection); no host syncs unless max_draft_len is None. Float64
+    inputs are computed in float64 (used by the exact-enumeration tests).
+    """
+    batch, num_tokens, vocab = check_rejection_inputs(
+        draft_token_ids, cu_num_draft_tokens, draft_probs, target_logits, temperature, top_k, top_p,
+        uniform_samples, exponential_samples, max_draft_len)
+    if max_draft_len is None:
+        max_draft_len = _max_draft_len(cu_num_draft_tokens)
+    device = target_logits.device
+    num_draft = num_draft_tokens_per_request(cu_num_draft_tokens)  # [batch]
+    draft_start = cu_num_draft_tokens.long() - num_draft  # [batch]
+    token_request = request_index(num_draft, num_tokens)  # [num_tokens]
+    token_position = torch.arange(num_tokens, device=device) - draft_start[token_request]
+    token_row = torch.arange(num_tokens, device=device) + token_request  # row of target_logits
+    bonus_row = cu_num_draft_tokens.long() + torch.arange(batch, device=device)  # [batch]
+    is_greedy = temperature == 0  # [batch]
+    drafts = draft_token_ids.long()  # [num_tokens]
+
+    scaled_logits = target_scaled_logits(target_logits, cu_num_draft_tokens, temperature, top_k,
+                                         top_p)  # [num_rows, vocab]
+    target_probs = scaled_logits.softmax(dim=-1)  # [num_rows, vocab]
+    target_argmax = scaled_logits.argmax(dim=-1)  # [num_rows]; greedy rows are unscaled
+
+    # Draft positions: acceptance and the recovered token each would emit if rejected.
+    token_target_probs = target_probs[token_row]  # [num_tokens, vocab]
+    target_prob_of_draft = token_target_probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
+    if draft_probs is None:
+        draft_prob_of_draft = torch.ones_like(target_prob_of_draft)
+        residual = token_target_probs.scatter(1, drafts.unsqueeze(1), 0.0)
+    else:
+        token_draft_probs = draft_probs.to(token_target_probs.dtype)  # [num_tokens, vocab]
+        draft_prob_of_draft = token_draft_probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
+        residual = (token_target_probs - token_draft_probs).clamp(min=0.0)
+    # max(p - q, 0) is all zero only when p == q numerically: then recover from p itself.
+    residual = torch.where(residual.amax(dim=-1, keepdim=True) > 0, residual, token_target_probs)
+    token_exponentials = exponential_samples[token_request]  # [num_tokens, vocab]
+    random_accepted = (uniform_samples * draft_prob_of_draft.double()
+                       <= target_prob_of_draft.double())
+    token_is_greedy = is_greedy[token_request]
+    accepted = torch.where(token_is_greedy, drafts == target_argmax[token_row], random_accepted)
+    recovered = torch.where(token_is_greedy, target_argmax[token_row],
+                            exponential_race(residual, token_exponentials))
+    bonus = torch.where(is_greedy, target_argmax[bonus_row],
+                        exponential_race(target_probs[bonus_row], exponential_samples))
+
+    # Padded [batch, max_draft_len + 1] views; slot num_draft of `final_candidates` holds the bonus.
+    width = max_draft_len + 1
+    accepted_padded = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    accepted_padded[token_request, token_position] = accepted
+    num_accepted = accepted_padded.long().cumprod(dim=1).sum(dim=1)  # [batch] leading accepts
+    draft_padded = torch.full((batch, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int64,
+                              device=device)
+    draft_padded[token_request, token_position] = drafts
+    final_candidates = draft_padded.clone()
+    final_candidates[token_request, token_position] = recovered
+    final_candidates[torch.arange(batch, device=device), num_draft] = bonus
+    final_token = final_candidates.gather(1, num_accepted.unsqueeze(1))  # [batch, 1]
+    slot = torch.arange(width, device=device).unsqueeze(0)  # [1, width]
+    output = torch.where(slot < num_accepted.unsqueeze(1), draft_padded, PLACEHOLDER_TOKEN_ID)
+    output = torch.where(slot == num_accepted.unsqueeze(1), final_token, output)
+    return RejectionOutput(output_token_ids=output, num_accepted=num_accepted)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def rejection_sample(
+    draft_token_ids: torch.Tensor,  # [num_tokens] int
+    cu_num_draft_tokens: torch.Tensor,  # [batch] int, inclusive cumulative sum of draft lengths
+    draft_probs: torch.Tensor | None,  # [num_tokens, vocab]; None = one-hot verification
+    target_logits: torch.Tensor,  # [num_tokens + batch, vocab]: per request drafts, then bonus
+    temperature: torch.Tensor,  # [batch] float; 0 = greedy
+    top_k: torch.Tensor | None,  # [batch] int; 0 or >= vocab = off
+    top_p: torch.Tensor | None,  # [batch] float; 1.0 = off
+    uniform_samples: torch.Tensor,  # [num_tokens] float64 in [0, 1)
+    exponential_samples: torch.Tensor,  # [batch, vocab] Exp(1): recovered OR bonus token race
+    max_draft_len: int | None = None,
+) -> RejectionOutput:
+    """Speculative sampling (Leviathan et al. 2023, Algorithm 1) for a ragged batch.
+
+    Triton kernels when the inputs are on CUDA and triton is installed, else
+    `rejection_sample_reference`; both follow the module docstring and agree token for token.
+    """
+    args = (draft_token_ids, cu_num_draft_tokens, draft_probs, target_logits, temperature, top_k,
+            top_p, uniform_samples, exponential_samples, max_draft_len)
+    if target_logits.is_cuda and target_logits.dtype != torch.float64 and _triton_available():
+        from vllm_specdiff.kernels.rejection import rejection_sample_triton
+
+        return rejection_sample_triton(*args)
+    return rejection_sample_reference(*args)
+
+
+__all__ = [
+    "PLACEHOLDER_TOKEN_ID",
+    "RejectionOutput",
+    "check_rejection_inputs",
+    "draw_random",
+    "exponential_race",
+    "mask_filtered_logits",
+    "rejection_sample",
+    "rejection_sample_reference",
+    "target_scaled_logits",
+    "top_k_top_p_mask",
+]
