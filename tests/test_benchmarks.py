@@ -1,0 +1,373 @@
+"""Fast checks of the benchmark scripts' arithmetic and reporting (no engines, no timing assertions).
+
+The scripts live in benchmarks/ (not a package); they are imported from there.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_offline  # noqa: E402
+import bench_serve  # noqa: E402
+import cost_model  # noqa: E402
+import plots  # noqa: E402
+
+from vllm_specdiff.offline import EngineSpec, acceptance_histogram  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model formulas
+
+def test_expected_tokens_per_round():
+    assert cost_model.expected_tokens_per_round(0.0, 5) == 1.0
+    assert cost_model.expected_tokens_per_round(1.0, 5) == 6.0
+    assert cost_model.expected_tokens_per_round(0.5, 1) == pytest.approx(1.5)
+    # sum_{j=0}^{k} a^j
+    assert cost_model.expected_tokens_per_round(0.9, 40) == pytest.approx(
+        sum(0.9 ** j for j in range(41)))
+    with pytest.raises(ValueError, match="alpha"):
+        cost_model.expected_tokens_per_round(1.5, 3)
+
+
+def test_predicted_speedup_and_break_even():
+    # E = 1 + 0.8 + 0.64 = 2.44 tokens per round; a round costs 0.5 + 1.2 target steps
+    assert cost_model.predicted_speedup(0.8, 2, 1.0, 0.5, 1.2) == pytest.approx(2.44 / 1.7)
+    alpha = cost_model.break_even_alpha(2, 1.0, 0.5, 1.2)
+    assert 0 < alpha < 1
+    assert cost_model.predicted_speedup(alpha, 2, 1.0, 0.5, 1.2) == pytest.approx(1.0, abs=1e-9)
+    assert cost_model.break_even_alpha(2, 1.0, 3.0, 1.2) is None  # even a = 1 gives 3 / 4.2
+    assert cost_model.break_even_alpha(2, 1.0, 0.0, 0.5) == 0.0  # verification alone is cheap
+
+
+@pytest.mark.parametrize("alpha,k", [(0.8, 4), (0.3, 1), (0.95, 16)])
+def test_alpha_from_histogram_recovers_iid_acceptance(alpha, k):
+    """Expected counts of i.i.d. acceptance truncated at k give back exactly a."""
+    histogram = [alpha ** j * (1 - alpha) for j in range(k)] + [alpha ** k]
+    assert cost_model.alpha_from_histogram(histogram) == pytest.approx(alpha)
+    mean_length = 1 + sum(j * h for j, h in enumerate(histogram))
+    assert mean_length == pytest.approx(cost_model.expected_tokens_per_round(alpha, k))
+    assert cost_model.alpha_from_acceptance_length(mean_length, k) == pytest.approx(alpha, abs=1e-9)
+
+
+def test_alpha_from_histogram_edges():
+    assert cost_model.alpha_from_histogram([0, 0, 0]) is None
+    assert cost_model.alpha_from_histogram([5, 0, 0]) == 0.0
+    assert cost_model.alpha_from_histogram([0, 0, 7]) == 1.0
+    with pytest.raises(ValueError):
+        cost_model.alpha_from_acceptance_length(7.0, 5)
+
+
+def test_measured_alphas_pool_batches():
+    rows = [
+        {"method": "specdiff", "num_draft_tokens": 2, "num_steps": 1, "temperature": 1.0, "batch": 1,
+         "acceptance_histogram": [2, 1, 1]},
+        {"method": "specdiff", "num_draft_tokens": 2, "num_steps": 1, "temperature": 1.0, "batch": 4,
+         "acceptance_histogram": [0, 1, 3]},
+        {"method": "none", "num_draft_tokens": 0, "temperature": 1.0, "acceptance_histogram": []},
+    ]
+    (measured,) = cost_model.measured_alphas(rows)
+    # pooled [2, 2, 4]: accepted 2 + 8 = 10, rejections 4 -> a = 10 / 14; mean length 1 + 10 / 8
+    assert measured["alpha"] == pytest.approx(10 / 14)
+    assert measured["mean_acceptance_length"] == pytest.approx(1 + 10 / 8)
+    assert (measured["num_draft_tokens"], measured["num_steps"]) == (2, 1)
+
+
+def test_extrapolation_from_two_depths():
+    assert cost_model.depths_to_time(48, 0) == [48]
+    assert cost_model.depths_to_time(48, 4) == [1, 4]
+    assert cost_model.depths_to_time(2, 4) == [2]
+    # fixed 3 + 2 per layer
+    assert cost_model.extrapolate({1: 5.0, 4: 11.0}, 48) == pytest.approx(3 + 2 * 48)
+    assert cost_model.extrapolate({48: 7.0}, 48) == 7.0
+    assert cost_model.extrapolate({1: 5.0, 4: 4.0}, 10) == 5.0  # noise never makes layers free-er
+
+
+def test_decoder_verify_forward_equals_sequential_steps():
+    """The cost model's verification forward computes what k + 1 decode steps compute."""
+    shape = cost_model.DecoderShape("tiny", hidden=64, layers=2, heads=2, vocab=97, max_positions=64)
+    model = cost_model.build_decoder(shape, shape.layers, torch.device("cpu"), torch.float32)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.ln_f.weight, torch.ones(64))
+    tokens = torch.randint(0, 97, (2, 5))
+    with torch.inference_mode():
+        context = 7
+        cache = model.new_cache(2, 16)
+        parallel = model(tokens, context, cache)
+        assert parallel.shape == (2, 5, 97)
+        cache_seq = model.new_cache(2, 16)
+        for (k1, v1), (k2, v2) in zip(cache, cache_seq):  # same context in both caches
+            k2[:, :, :context] = k1[:, :, :context]
+            v2[:, :, :context] = v1[:, :, :context]
+        sequential = torch.cat([model(tokens[:, i:i + 1], context + i, cache_seq) for i in range(5)], 1)
+    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+
+
+def test_sedd_round_timing_runs_on_a_tiny_model():
+    config = cost_model.SEDDConfig(tokens=50, hidden_size=32, cond_dim=16, length=32, n_blocks=2,
+                                   n_heads=2)
+    timings = cost_model.time_sedd_rounds(config, [(4, 2, 16), (8, 8, 32)], 2, torch.device("cpu"),
+                                          torch.float32, 0, 0, 1, lambda message: None)
+    assert set(timings) == {(4, 2, 16), (8, 8, 32)}
+    assert all(t > 0 for t in timings.values())
+
+
+def test_cost_model_predictions_summary_and_plot(tmp_path):
+    targets = {"big": {"t_step": 1.0, "t_verify": {3: 1.1, 5: 1.3}}}
+    drafts = {(2, 1, 16): 0.2, (4, 2, 16): 0.4, (4, 4, 16): 0.8}
+    predictions = cost_model.prediction_rows(targets, drafts, 0.1, [0.5, 0.9], [0.8])
+    assert len(predictions) == 3 * 2 + 2 * 1  # sedd: 3 rounds x 2 alphas; AR: 2 k x 1 alpha
+    row = next(p for p in predictions if p["drafter"] == "sedd-small" and p["num_draft_tokens"] == 4
+               and p["num_steps"] == 2 and p["alpha"] == 0.9)
+    assert row["speedup"] == pytest.approx(cost_model.expected_tokens_per_round(0.9, 4) / 1.7)
+    ar = next(p for p in predictions if p["drafter"] == "gpt2 (AR)" and p["num_draft_tokens"] == 2)
+    assert ar["t_draft_round"] == pytest.approx(0.2)
+    summary = cost_model.summary_rows(predictions, [0.9])
+    assert len(summary) == 3 + 2
+    table = plots.format_table(summary, cost_model.summary_columns([0.9]))
+    assert "x @ a=0.9" in table and "break-even a" in table
+    assert cost_model.plot_steps_for({(4, 2), (4, 4), (2, 1)}, 4, 3) == 2
+    assert cost_model.plot_steps_for({(4, 2), (4, 4)}, 4, 1) == 2
+    path = cost_model.plot_speedup_vs_k(predictions, tmp_path / "k.png", 4, 0.8)
+    assert path is not None and path.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance counters
+
+def test_acceptance_histogram_from_per_position_counts():
+    # 10 rounds; 6 accepted position 0, 3 position 1, 1 position 2 (of k = 3)
+    assert acceptance_histogram(10, [6, 3, 1], 3) == [4, 3, 2, 1]
+    assert acceptance_histogram(5, [], 2) == [5, 0, 0]
+    histogram = acceptance_histogram(10, [6, 3, 1], 3)
+    assert sum(histogram) == 10 and sum(j * h for j, h in enumerate(histogram)) == 6 + 3 + 1
+
+
+METRICS_PAGE = """# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 10.0
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 30.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 10.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 6.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="2"} 1.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 3.0
+vllm:spec_decode_num_drafts_created{engine="0",model_name="m"} 1.7e9
+vllm:num_requests_running{engine="0",model_name="m"} 0.0
+"""
+
+
+def test_parse_spec_metrics_and_delta():
+    after = bench_serve.parse_spec_metrics(METRICS_PAGE)
+    assert after == {"drafts": 10, "draft_tokens": 30, "accepted": 10, "accepted_per_pos": [6, 3, 1]}
+    empty = bench_serve.parse_spec_metrics("")
+    assert empty == {"drafts": 0, "draft_tokens": 0, "accepted": 0, "accepted_per_pos": []}
+    before = {"drafts": 4, "draft_tokens": 12, "accepted": 4, "accepted_per_pos": [3, 1]}
+    delta = bench_serve.counters_delta(after, before)
+    assert delta == {"drafts": 6, "draft_tokens": 18, "accepted": 6, "accepted_per_pos": [3, 2, 1]}
+    fields = bench_serve.acceptance_fields(delta, 3)
+    assert fields["acceptance_histogram"] == [3, 1, 1, 1]
+    assert fields["mean_acceptance_length"] == pytest.approx(2.0)
+    assert fields["acceptance_rate"] == pytest.approx(6 / 18)
+    assert bench_serve.acceptance_fields(bench_serve.counters_delta(empty, empty), 0)[
+        "mean_acceptance_length"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_offline: grid, engines, speedups, prompts, reporting
+
+def test_specdiff_grid():
+    assert bench_offline.specdiff_grid([4, 8], [1, 2, 8], "axes", 8, 4) == [
+        (4, 4), (8, 1), (8, 2), (8, 4), (8, 8)]
+    assert bench_offline.specdiff_grid([2, 4], [1, 4], "grid", 4, 1) == [(2, 1), (4, 1), (4, 4)]
+    with pytest.raises(ValueError, match="sweep"):
+        bench_offline.specdiff_grid([2], [1], "diagonal", 2, 1)
+
+
+def test_build_engines_order_and_labels():
+    engines = bench_offline.build_engines(
+        ["none", "draft_model", "draft_model_default", "specdiff"], "sedd", "ar", [2, 4], [4],
+        [(8, 2)], None, baseline_reruns=2)
+    labels = [e.label for e in engines]
+    assert labels == ["no speculation", "draft_model k=2", "draft_model k=4",
+                      "draft_model k=4 (default runner)", "specdiff k=8 T=2",
+                      "no speculation (rerun 1)"]
+    assert [e.runner for e in engines] == ["v1", "v1", "v1", "default", "v1", "v1"]
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench_offline.build_engines(["eagle"], None, None, [], [], [], None, 1)
+    with pytest.raises(ValueError, match="V1"):
+        bench_offline.BenchEngine(EngineSpec("specdiff", "sedd", 4, 2), runner="default")
+
+
+def _row(method, tps, temperature=0.0, batch=1, runner="v1", k=0, steps=None, **extra):
+    return {"method": method, "label": f"{method} {k} {steps} {runner}", "tokens_per_s": tps,
+            "temperature": temperature, "batch": batch, "runner": runner, "num_draft_tokens": k,
+            "num_steps": steps, "mean_acceptance_length": 1.0 + k / 2 if k else None, **extra}
+
+
+def test_add_speedups_uses_same_run_baseline_mean():
+    rows = [_row("none", 10.0), _row("none", 14.0, baseline_run=1), _row("draft_model", 18.0, k=2),
+            _row("draft_model", 24.0, k=4), _row("draft_model", 30.0, k=4, runner="default"),
+            _row("specdiff", 36.0, k=8, steps=2), _row("specdiff", 5.0, batch=4, k=8, steps=2),
+            {"method": "specdiff", "label": "failed", "tokens_per_s": None, "error": "boom"}]
+    bench_offline.add_speedups(rows)
+    assert rows[0]["speedup"] == pytest.approx(10 / 12)
+    assert rows[5]["speedup"] == pytest.approx(3.0)
+    assert rows[5]["speedup_vs_draft_model"] == pytest.approx(1.5)  # best v1 draft_model: 24
+    assert rows[4]["speedup_vs_draft_model"] == pytest.approx(1.25)
+    assert rows[6]["speedup"] is None  # no baseline at batch 4
+    assert rows[7]["speedup"] is None
+    assert bench_offline.baseline_drift(rows) == pytest.approx(4 / 12)
+
+
+def test_load_prompts_jsonl(tmp_path):
+    class Tokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return [len(word) for word in text.split()]
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a bb ccc"}\n\n{"prompt_token_ids": [5, 6]}\n{"prompt": "dddd"}\n')
+    assert bench_offline.load_prompts(path, Tokenizer(), None) == [[1, 2, 3], [5, 6], [4]]
+    assert bench_offline.load_prompts(path, Tokenizer(), 2) == [[1, 2, 3], [5, 6]]
+    path.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        bench_offline.load_prompts(path, Tokenizer(), None)
+
+
+def test_parser_quick_defaults():
+    args = bench_offline.build_parser().parse_args(["--quick", "--batches", "1"])
+    bench_offline.apply_quick_defaults(args)
+    assert (args.num_prompts, args.max_tokens, args.batches, args.tag) == (4, 32, "1", "quick")
+    args = bench_offline.build_parser().parse_args([])
+    bench_offline.apply_quick_defaults(args)
+    assert (args.batches, args.baseline_reruns, args.tag) == ("1,4,16", 2, None)
+
+
+def test_offline_table_jsonl_and_plots(tmp_path):
+    rows = []
+    for temperature in (0.0, 1.0):
+        for batch in (1, 4):
+            rows += [_row("none", 10.0 * batch, temperature, batch),
+                     _row("draft_model", 12.0 * batch, temperature, batch, k=4,
+                          acceptance_histogram=[1, 1, 1, 1, 1]),
+                     *[_row("specdiff", (11.0 + k - steps) * batch, temperature, batch, k=k,
+                            steps=steps, acceptance_histogram=[1] * (k + 1))
+                       for k, steps in ((8, 2), (8, 4), (16, 4))]]
+    rows.append({"method": "specdiff", "label": "specdiff k=32 T=4", "tokens_per_s": None,
+                 "error": "RuntimeError: engine failed\ntraceback", "temperature": None,
+                 "batch": None, "runner": "v1", "num_draft_tokens": 32, "num_steps": 4})
+    bench_offline.add_speedups(rows)
+    rows.sort(key=bench_offline.table_order)
+    table = plots.format_table(rows, bench_offline.TABLE_COLUMNS)
+    assert "speedup" in table and "RuntimeError: engine failed" in table
+    assert len(table.splitlines()) == len(rows) + 2
+    path = plots.write_jsonl(tmp_path / "out" / "offline.jsonl", rows)
+    back = plots.read_jsonl(path)
+    assert len(back) == len(rows) and back[0].keys() == rows[0].keys()
+    written = bench_offline.write_plots(rows, tmp_path / "out" / "offline")
+    assert sorted(p.name for p in written) == ["offline-acceptance_vs_draft_tokens.png",
+                                               "offline-speedup_vs_steps.png",
+                                               "offline-tokens_per_s_vs_batch.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_group_points_and_empty_plot(tmp_path):
+    rows = [{"p": "a", "l": "x", "x": 1, "y": 2.0}, {"p": "a", "l": "x", "x": 1, "y": 4.0},
+            {"p": "a", "l": "x", "x": 2, "y": None}, {"p": "b", "l": "z", "x": 3, "y": 1.0}]
+    grouped = plots.group_points(rows, lambda r: r["p"], lambda r: r["l"], lambda r: r["x"],
+                                 lambda r: r["y"])
+    assert grouped == {"a": {"x": [(1, 3.0)]}, "b": {"z": [(3, 1.0)]}}
+    assert plots.plot_lines(tmp_path / "none.png", {"a": {}}, "x", "y") is None
+    assert not (tmp_path / "none.png").exists()
+    assert plots.format_table([{"v": None}, {"v": math.nan}], [("v", lambda r: r["v"], ".2f")]) \
+        .splitlines()[2:] == ["-", "-"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_serve: server command line, health wait, shutdown
+
+def test_server_command_and_env():
+    server = bench_serve.Server("specdiff", "/d/sedd", 8, 2, 64)
+    cmd = server.command("/t", 8123, "float32", 512, 4, 0, ["--enforce-eager"])
+    assert cmd[1:6] == ["-m", "vllm_specdiff.cli", "serve", "/t", "--host"]
+    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert spec == {"method": "specdiff", "model": "/d/sedd", "num_speculative_tokens": 8,
+                    "num_steps": 2, "window": 64}
+    assert "--no-async-scheduling" in cmd and cmd[-1] == "--enforce-eager"
+    assert server.env()["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    default = bench_serve.Server("draft_model", "/d/ar", 4, runner="default")
+    assert "--no-async-scheduling" not in default.command("/t", 1, "bfloat16", 512, 1, 0, [])
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in default.env()
+    assert json.loads(default.command("/t", 1, "bfloat16", 512, 1, 0, [])[-1])[
+        "draft_sample_method"] == "probabilistic"
+    assert bench_serve.Server("none").speculative_config() is None
+    assert bench_serve.parse_pairs("8:2, 16:4") == [(8, 2), (16, 4)]
+    servers = bench_serve.build_servers(["none", "specdiff"], "s", "a", [4], [4], [(8, 2)], None)
+    assert [s.label for s in servers] == ["no speculation", "specdiff k=8 T=2"]
+
+
+def test_bench_args_and_dataset(tmp_path):
+    dataset = bench_serve.write_prompts_dataset(["first prompt", "second"], tmp_path / "p.json")
+    data = json.loads(dataset.read_text())
+    assert data[1]["conversations"][0] == {"from": "human", "value": "second"}
+    argv = bench_serve.bench_args("http://127.0.0.1:9", "/t", dataset, 8, 4, 32, 1.0, 0)
+    assert argv[argv.index("--max-concurrency") + 1] == "4"
+    assert argv[argv.index("--sharegpt-output-len") + 1] == "32"
+    assert "--ignore-eos" in argv
+
+    class Tokenizer:
+        def decode(self, ids):
+            return " ".join(f"t{i}" for i in ids)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n{"prompt_token_ids": [1, 2]}\n{"prompt": "x"}\n')
+    assert bench_serve.load_text_prompts(prompts, Tokenizer(), 2) == ["hello there", "t1 t2"]
+
+
+def test_level_row_keeps_scalars():
+    result = {"duration": 2.0, "completed": 4, "output_throughput": 64.0, "mean_ttft_ms": 10.0,
+              "p99_tpot_ms": 5.0, "ttfts": [0.1] * 4, "generated_texts": ["x"] * 4}
+    row = bench_serve.level_row(result)
+    assert row["output_throughput"] == 64.0 and row["p99_tpot_ms"] == 5.0
+    assert "ttfts" not in row and row["mean_itl_ms"] is None
+
+
+def test_wait_for_health_and_stop_server(tmp_path):
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                               start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert bench_serve.wait_for_health(url, process, tmp_path / "log", timeout=10) < 10
+    finally:
+        httpd.shutdown()
+        start = time.perf_counter()
+        bench_serve.stop_server(process, grace=5)
+    assert process.poll() is not None and time.perf_counter() - start < 5
+
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], start_new_session=True)
+    dead.wait()
+    (tmp_path / "log").write_text("boom: the server failed\n")
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        bench_serve.wait_for_health(f"http://127.0.0.1:{bench_serve.free_port()}", dead,
+                                    tmp_path / "log", timeout=5)
