@@ -312,8 +312,8 @@ def rejection_sample_reference(
     """Pure PyTorch speculative sampling (Leviathan et al. 2023, Algorithm 1), batched.
 
     The specification of `rejection_sample`, its CPU path and the oracle of the kernel tests.
-    Vectorised over all draft positions (it computes a recovered token for every position and
-    keeps the one at the first rejection); no host syncs unless max_draft_len is None. Float64
+    Vectorised over all draft positions; the residual law max(p - q, 0) is built only at each
+    request's first rejection; no host syncs unless max_draft_len is None. Float64
     inputs are computed in float64 (used by the exact-enumeration tests).
     """
     batch, num_tokens, vocab = check_rejection_inputs(
@@ -336,43 +336,49 @@ def rejection_sample_reference(
     target_probs = scaled_logits.softmax(dim=-1)  # [num_rows, vocab]
     target_argmax = scaled_logits.argmax(dim=-1)  # [num_rows]; greedy rows are unscaled
 
-    # Draft positions: acceptance and the recovered token each would emit if rejected.
-    token_target_probs = target_probs[token_row]  # [num_tokens, vocab]
-    target_prob_of_draft = token_target_probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
+    # Draft positions: acceptance needs only p(x_i) and q(x_i).
+    target_prob_of_draft = target_probs[token_row, drafts]  # [num_tokens]
     if draft_probs is None:
         draft_prob_of_draft = torch.ones_like(target_prob_of_draft)
-        residual = token_target_probs.scatter(1, drafts.unsqueeze(1), 0.0)
     else:
-        token_draft_probs = draft_probs.to(token_target_probs.dtype)  # [num_tokens, vocab]
-        draft_prob_of_draft = token_draft_probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
-        residual = (token_target_probs - token_draft_probs).clamp(min=0.0)
-    # max(p - q, 0) is all zero only when p == q numerically: then recover from p itself.
-    residual = torch.where(residual.amax(dim=-1, keepdim=True) > 0, residual, token_target_probs)
-    token_exponentials = exponential_samples[token_request]  # [num_tokens, vocab]
+        draft_prob_of_draft = draft_probs[torch.arange(num_tokens, device=device), drafts].to(
+            target_probs.dtype)
     random_accepted = (uniform_samples * draft_prob_of_draft.double()
                        <= target_prob_of_draft.double())
     token_is_greedy = is_greedy[token_request]
     accepted = torch.where(token_is_greedy, drafts == target_argmax[token_row], random_accepted)
-    recovered = torch.where(token_is_greedy, target_argmax[token_row],
-                            exponential_race(residual, token_exponentials))
-    bonus = torch.where(is_greedy, target_argmax[bonus_row],
-                        exponential_race(target_probs[bonus_row], exponential_samples))
 
-    # Padded [batch, max_draft_len + 1] views; slot num_draft of `final_candidates` holds the bonus.
     width = max_draft_len + 1
     accepted_padded = torch.zeros(batch, width, dtype=torch.bool, device=device)
     accepted_padded[token_request, token_position] = accepted
     num_accepted = accepted_padded.long().cumprod(dim=1).sum(dim=1)  # [batch] leading accepts
+
+    # One final token per request: the recovered token at its first rejection, else the bonus.
+    # The residual max(p - q, 0) is built only for that one row per request, not for every draft.
+    bonus = torch.where(is_greedy, target_argmax[bonus_row],
+                        exponential_race(target_probs[bonus_row], exponential_samples))
+    final_token = bonus
+    if num_tokens > 0:
+        last_draft = (num_draft - 1).clamp(min=0)
+        reject_token = (draft_start + torch.minimum(num_accepted, last_draft)).clamp(max=num_tokens - 1)
+        reject_row = token_row[reject_token]  # [batch]
+        reject_target_probs = target_probs[reject_row]  # [batch, vocab]
+        if draft_probs is None:
+            residual = reject_target_probs.scatter(1, drafts[reject_token].unsqueeze(1), 0.0)
+        else:
+            residual = (reject_target_probs - draft_probs[reject_token].to(target_probs.dtype)).clamp(min=0.0)
+        # max(p - q, 0) is all zero only when p == q numerically: then recover from p itself.
+        residual = torch.where(residual.amax(dim=-1, keepdim=True) > 0, residual, reject_target_probs)
+        recovered = torch.where(is_greedy, target_argmax[reject_row],
+                                exponential_race(residual, exponential_samples))
+        final_token = torch.where(num_accepted < num_draft, recovered, bonus)
+
     draft_padded = torch.full((batch, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int64,
                               device=device)
     draft_padded[token_request, token_position] = drafts
-    final_candidates = draft_padded.clone()
-    final_candidates[token_request, token_position] = recovered
-    final_candidates[torch.arange(batch, device=device), num_draft] = bonus
-    final_token = final_candidates.gather(1, num_accepted.unsqueeze(1))  # [batch, 1]
     slot = torch.arange(width, device=device).unsqueeze(0)  # [1, width]
     output = torch.where(slot < num_accepted.unsqueeze(1), draft_padded, PLACEHOLDER_TOKEN_ID)
-    output = torch.where(slot == num_accepted.unsqueeze(1), final_token, output)
+    output = torch.where(slot == num_accepted.unsqueeze(1), final_token.unsqueeze(1), output)
     return RejectionOutput(output_token_ids=output, num_accepted=num_accepted)
 
 
