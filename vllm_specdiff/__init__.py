@@ -6,12 +6,14 @@ from .diffusion import total_noise, rate_noise
 from .model import SEDD, SEDDConfig
 from .checkpoint import CheckpointError, SHORT_NAMES
 from .drafter import DiffusionDrafter, DraftOutput, Drafter
+from .verification import PLACEHOLDER_TOKEN_ID, RejectionOutput, draw_random, rejection_sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SEDD", "SEDDConfig", "CheckpointError", "DiffusionDrafter", "DraftOutput", "Drafter",
-    "speculative_generate", "total_noise", "rate_noise",
+    "speculative_generate", "AutoregressiveDrafter", "GenerationResult", "total_noise", "rate_noise",
+    "rejection_sample", "draw_random", "RejectionOutput", "PLACEHOLDER_TOKEN_ID", "SHORT_NAMES",
 ]
 
 
