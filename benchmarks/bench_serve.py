@@ -200,6 +200,13 @@ def wait_for_health(base_url: str, process: subprocess.Popen, log: Path, timeout
     raise RuntimeError(f"server not healthy after {timeout:.0f} s; log {log}:\n{tail(log)}")
 
 
+def default_sigint() -> None:
+    """Popen preexec_fn: a child of a background job inherits SIGINT as *ignored* (POSIX shells
+    without job control), and Python then never raises KeyboardInterrupt; restore the default so
+    stop_server's SIGINT reaches vLLM's graceful shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_server(process: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGINT to the server's process group (vLLM shuts its engine down), SIGKILL if it lingers."""
     if process.poll() is not None:
@@ -464,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(log {log}) ...", flush=True)
         with log.open("w") as log_file:
             process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=server.env(), start_new_session=True)
+                                       env=server.env(), start_new_session=True,
+                                       preexec_fn=default_sigint)
         try:
             ready = wait_for_health(base_url, process, log, args.startup_timeout)
             print(f"    healthy after {ready:.0f} s", flush=True)

@@ -355,7 +355,7 @@ def test_wait_for_health_and_stop_server(tmp_path):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=bench_serve.default_sigint)
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
         assert bench_serve.wait_for_health(url, process, tmp_path / "log", timeout=10) < 10
