@@ -103,16 +103,13 @@ def _head_inputs(model, perturbed: torch.Tensor, sigma_bar: torch.Tensor, rows: 
                  cols: torch.Tensor) -> torch.Tensor:
     """The modulated final hidden states at positions (rows, cols), ready for output_layer.linear.
 
-    Follows SEDD.forward step by step (a test checks equality); the head is position-wise, so
-    running it only where the loss needs it is exact. Returns [num, hidden].
+    The model's own trunk, then the final layer up to its vocabulary projection (a test checks
+    equality with SEDD.forward); the head is position-wise, so running it only where the loss
+    needs it is exact. Returns [num, hidden].
     """
     from vllm_specdiff.model import _modulate
 
-    x = model.vocab_embed(perturbed)
-    cond = F.silu(model.sigma_map(sigma_bar))  # [batch, cond_dim]
-    cos, sin = model.rotary_emb.cos_sin(perturbed.shape[1], x.dtype)
-    for block in model.blocks:
-        x = block(x, cond, cos, sin, None)
+    x, cond = model.trunk(perturbed, sigma_bar)  # [batch, length, hidden], [batch, cond_dim]
     head = model.output_layer
     shift, scale = head.adaLN_modulation(cond).chunk(2, dim=-1)  # [batch, hidden] each
     return _modulate(head.norm_final(x[rows, cols]), shift[rows], scale[rows])
