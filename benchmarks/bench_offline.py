@@ -13,7 +13,7 @@ process, and serves every (temperature, batch size) pair. Engines:
 - specdiff: a sweep over num_draft_tokens at a fixed num_steps and over num_steps at a fixed
   num_draft_tokens (`--sweep axes`, default) or their full grid (`--sweep grid`).
 
-    python benchmarks/bench_offline.py --quick       # < 5 min on 2 CPU cores
+    python benchmarks/bench_offline.py --quick       # small grid; ~10 min on 2 CPU cores (measured)
     python benchmarks/bench_offline.py               # the full grid (see benchmarks/README.md)
 
 Writes one JSON line per (engine, temperature, batch) to --out (default benchmarks/results/),
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small grid (< 5 min on 2 CPU cores): 4 prompts x 32 tokens, batch "
+                        help="small grid (~10 min on 2 CPU cores, not yet the < 5 min goal): 4 prompts x 32 tokens, batch "
                              "{1,4}, draft_model k=4, specdiff (k,T) in {(8,2),(8,4),(16,4)}")
     parser.add_argument("--target", help="target model (default: embedded SmolLM2-135M)")
     parser.add_argument("--sedd-drafter", help="SEDD drafter (default: the embedded one)")

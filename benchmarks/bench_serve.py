@@ -73,16 +73,11 @@ class Server:
         return label + (" (default runner)" if self.runner == "default" else "")
 
     def speculative_config(self) -> dict[str, Any] | None:
-        if self.method == "none":
-            return None
-        config: dict[str, Any] = {"method": self.method, "model": self.drafter,
-                                  "num_speculative_tokens": self.num_draft_tokens}
-        if self.method == "draft_model":
-            config["draft_sample_method"] = "probabilistic"
-        else:
-            config.update({k: v for k, v in (("num_steps", self.num_steps), ("window", self.window))
-                           if v is not None})
-        return config
+        """The same speculative config the offline benchmark and the demo use."""
+        from vllm_specdiff.offline import EngineSpec
+
+        return EngineSpec(self.method, self.drafter, self.num_draft_tokens, self.num_steps,
+                          self.window).speculative_config()
 
     def command(self, target: str, port: int, dtype: str, max_model_len: int, max_num_seqs: int,
                 seed: int, extra: Sequence[str]) -> list[str]:
