@@ -13,7 +13,7 @@ process, and serves every (temperature, batch size) pair. Engines:
 - specdiff: a sweep over num_draft_tokens at a fixed num_steps and over num_steps at a fixed
   num_draft_tokens (`--sweep axes`, default) or their full grid (`--sweep grid`).
 
-    python benchmarks/bench_offline.py --quick       # small grid; ~10 min on 2 CPU cores (measured)
+    python benchmarks/bench_offline.py --quick       # small grid, one engine per method
     python benchmarks/bench_offline.py               # the full grid (see benchmarks/README.md)
 
 Writes one JSON line per (engine, temperature, batch) to --out (default benchmarks/results/),
@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small grid (~10 min on 2 CPU cores, not yet the < 5 min goal): 4 prompts x 32 tokens, batch "
-                             "{1,4}, draft_model k=4, specdiff (k,T) in {(8,2),(8,4),(16,4)}")
+                        help="small grid: 4 prompts x 32 tokens, batch {1,4}, draft_model k=4, "
+                             "specdiff k=8 T=2")
     parser.add_argument("--target", help="target model (default: embedded SmolLM2-135M)")
     parser.add_argument("--sedd-drafter", help="SEDD drafter (default: the embedded one)")
     parser.add_argument("--ar-drafter", help="draft_model drafter (default: the embedded one)")
@@ -366,12 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-runner-k", default="4", help="draft_model k on the default runner")
     parser.add_argument("--force-default-runner", action="store_true",
                         help="run draft_model_default even where it equals runner v1 (CPU)")
-    parser.add_argument("--num-draft-tokens", help="specdiff k sweep, default 4,8,16,32 (quick: 8,16)")
-    parser.add_argument("--num-steps", help="specdiff num_steps sweep, default 1,2,4,8 (quick: 2,4)")
+    parser.add_argument("--num-draft-tokens", help="specdiff k sweep, default 4,8,16,32 (quick: 8)")
+    parser.add_argument("--num-steps", help="specdiff num_steps sweep, default 1,2,4,8 (quick: 2)")
     parser.add_argument("--sweep", choices=["axes", "grid"], default="axes",
                         help="axes: k sweep at --base-num-steps + T sweep at --base-num-draft-tokens")
-    parser.add_argument("--base-num-draft-tokens", type=int, help="default 16 (quick: 8)")
-    parser.add_argument("--base-num-steps", type=int, default=4)
+    parser.add_argument("--base-num-draft-tokens", type=int, default=8)
+    parser.add_argument("--base-num-steps", type=int, default=2)
     parser.add_argument("--window", type=int, help="specdiff drafter window (default: its length)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -394,8 +394,8 @@ def apply_quick_defaults(args: argparse.Namespace) -> None:
     defaults = {
         "num_prompts": 4 if quick else 16, "max_tokens": 32 if quick else 128,
         "batches": "1,4" if quick else "1,4,16", "draft_model_k": "4" if quick else "2,4,8",
-        "num_draft_tokens": "8,16" if quick else "4,8,16,32",
-        "num_steps": "2,4" if quick else "1,2,4,8", "base_num_draft_tokens": 8 if quick else 16,
+        "num_draft_tokens": "8" if quick else "4,8,16,32",
+        "num_steps": "2" if quick else "1,2,4,8",
         "baseline_reruns": 1 if quick else 2, "tag": "quick" if quick else None,
     }
     for name, value in defaults.items():

@@ -250,6 +250,7 @@ def _corrupt_copy(src: Path, dst: Path, how: str) -> Path:
     ({"order": "spiral"}, r"order \(--specdiff-order\) must be one of"),
     ({"verifier": "magic"}, r"verifier \(--specdiff-verifier\) must be one of"),
     ({"draft_temperature": -1.0}, r"draft_temperature .* must be a finite number >= 0"),
+    ({"drafter_dtype": "int8"}, r"drafter_dtype \(--specdiff-drafter-dtype\) must be one of"),
     ({"bogus_key": 1}, r"unknown speculative-config key 'bogus_key'"),
 ])
 def test_out_of_range_options_fail_at_startup_with_clear_errors(tiny_target, tiny_drafter, spec,
@@ -377,6 +378,23 @@ def test_a_failing_drafter_step_runs_without_drafts(small_vocab_drafter):
     proposer.set_sampling_state([1.0], {})
     assert proposer.propose([[3]], num_tokens, token_ids) == [[]]
     assert proposer.take_last_draft_probs() is None and proposer.stats["failures"] == 1
+
+
+def test_drafter_dtype_is_float32_on_cpu_by_default_and_follows_the_option(small_vocab_drafter):
+    # auto: float32 on CPU (bf16 matmuls of a small drafter are ~2x slower there), else the target's.
+    options = plugin_config.SpecDiffConfig(drafter="x", num_draft_tokens=4)
+    assert options.drafter_dtype_for("cpu", torch.bfloat16) == torch.float32
+    assert options.drafter_dtype_for("cuda", torch.bfloat16) == torch.bfloat16
+    proposer = _make_proposer(small_vocab_drafter, SMALL_VOCAB, drafter_dtype="bfloat16")
+    assert proposer.drafter.model.vocab_embed.embedding.dtype == torch.bfloat16
+    num_tokens, token_ids = _batch([[1, 2, 3]])
+    proposer.set_sampling_state([1.0], {})
+    assert len(proposer.propose([[3]], num_tokens, token_ids)[0]) == NUM_DRAFT
+    assert proposer.take_last_draft_probs().dtype == torch.float32  # q stays float32
+    from vllm_specdiff.vllm_plugin import serve
+
+    args = serve.build_parser().parse_args(["m", "--specdiff-drafter-dtype", "float16"])
+    assert args.specdiff_drafter_dtype == "float16"
 
 
 def test_draft_temperature_option_applies_to_sampled_rows_only(small_vocab_drafter):

@@ -17,6 +17,8 @@ Keys of the speculative config (vLLM's names where vLLM has one):
                            "auto" (default: the faster one measured on the device, DEFAULT_VERIFIER)
     draft_probs            "full" | "one_hot" | "auto" (= full for left_to_right, one_hot for random:
                            the exact choice for each order, shared/docs/lossless.md)
+    drafter_dtype          "auto" (float32 on CPU, where bf16 matmuls are ~2x slower for the small
+                           drafter; the target's dtype elsewhere) | "float32" | "bfloat16" | "float16"
     seed                   base seed of the drafter's per-step generators (default: the engine seed)
     log_every              log drafter time every N engine steps (0 = never)
 """
@@ -39,6 +41,7 @@ VERIFIERS = ("auto", "specdiff", "vllm")
 #   cuda: not measured here (no GPU); our Triton kernels by default, re-measure and update.
 DEFAULT_VERIFIER = {"cpu": "vllm", "cuda": "specdiff"}
 DRAFT_PROBS_MODES = ("auto", "full", "one_hot")
+DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # speculative-config key -> (SpecDiffConfig field, CLI flag that sets it)
 KEYS: dict[str, tuple[str, str]] = {
@@ -50,12 +53,13 @@ KEYS: dict[str, tuple[str, str]] = {
     "draft_temperature": ("draft_temperature", "--specdiff-draft-temperature"),
     "verifier": ("verifier", "--specdiff-verifier"),
     "draft_probs": ("draft_probs", "--specdiff-draft-probs"),
+    "drafter_dtype": ("drafter_dtype", "--specdiff-drafter-dtype"),
     "seed": ("seed", "--specdiff-seed"),
     "log_every": ("log_every", "--specdiff-log-every"),
 }
 # Our keys that vLLM's SpeculativeConfig does not know (they must never reach it).
 SPECDIFF_ONLY_KEYS = ("num_steps", "window", "order", "draft_temperature", "verifier", "draft_probs",
-                      "seed", "log_every")
+                      "drafter_dtype", "seed", "log_every")
 
 
 def _flag(field: str) -> str:
@@ -84,6 +88,7 @@ class SpecDiffConfig:
     draft_temperature: float | None = None
     verifier: str = "auto"
     draft_probs: str = "auto"
+    drafter_dtype: str = "auto"
     seed: int | None = None
     log_every: int = 200
 
@@ -115,6 +120,9 @@ class SpecDiffConfig:
         if self.draft_probs not in DRAFT_PROBS_MODES:
             raise ValueError(f"specdiff: {_flag('draft_probs')} must be one of {DRAFT_PROBS_MODES}, "
                              f"got {self.draft_probs!r}")
+        if self.drafter_dtype not in DRAFTER_DTYPES:
+            raise ValueError(f"specdiff: {_flag('drafter_dtype')} must be one of {DRAFTER_DTYPES}, "
+                             f"got {self.drafter_dtype!r}")
         if self.draft_temperature is not None:
             if isinstance(self.draft_temperature, bool) or not isinstance(self.draft_temperature,
                                                                           (int, float)):
@@ -135,6 +143,18 @@ class SpecDiffConfig:
         if self.verifier != "auto":
             return self.verifier
         return DEFAULT_VERIFIER.get(device_type, "vllm")
+
+    def drafter_dtype_for(self, device_type: str, target_dtype: "torch.dtype") -> "torch.dtype":
+        """The drafter's dtype: the explicit choice, else float32 on CPU and the target's elsewhere.
+
+        The drafter's dtype never affects exactness (its draft_probs are float32 and verification
+        only needs them to be the law the drafts were sampled from), only its speed.
+        """
+        import torch
+
+        if self.drafter_dtype != "auto":
+            return getattr(torch, self.drafter_dtype)
+        return torch.float32 if device_type == "cpu" else target_dtype
 
     @property
     def use_full_draft_probs(self) -> bool:

@@ -64,6 +64,9 @@ CLI_OPTIONS: dict[str, tuple[str, type, tuple[str, ...] | None, str]] = {
     "--specdiff-draft-probs": ("draft_probs", str, ("auto", "full", "one_hot"),
                                "Verify with the recorded draft distribution (full) or one-hot; "
                                "auto = exact choice for the order."),
+    "--specdiff-drafter-dtype": ("drafter_dtype", str, ("auto", "float32", "bfloat16", "float16"),
+                                 "Drafter weights' dtype (default auto: float32 on CPU, the "
+                                 "target's dtype elsewhere)."),
     "--specdiff-seed": ("seed", int, None, "Base seed of the drafter (default: the engine seed)."),
     "--specdiff-log-every": ("log_every", int, None,
                              "Log drafter time every N engine steps (0 = never; default 200)."),

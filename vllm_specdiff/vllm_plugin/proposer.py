@@ -63,8 +63,9 @@ class SpecDiffProposer:
         model_config = vllm_config.model_config
         self.target_vocab_size = int(model_config.get_vocab_size())
         self.max_model_len = int(model_config.max_model_len)
-        self.dtype = model_config.dtype if isinstance(model_config.dtype, torch.dtype) else torch.float32
         self.device = torch.device(vllm_config.device_config.device)
+        target_dtype = model_config.dtype if isinstance(model_config.dtype, torch.dtype) else torch.float32
+        self.dtype = self.config.drafter_dtype_for(self.device.type, target_dtype)
         seed = self.config.seed if self.config.seed is not None else model_config.seed
         self.seed = int(seed or 0)
         self.drafter = None
