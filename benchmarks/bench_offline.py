@@ -36,7 +36,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plots import format_table, group_points, plot_lines, write_jsonl  # noqa: E402
 
-from vllm_specdiff.offline import EngineSpec, device_name, run_engine  # noqa: E402
+from vllm_specdiff.offline import EngineSpec, add_speedups, device_name, run_engine  # noqa: E402
 
 RUNNERS = ("v1", "default")
 ENGINE_KINDS = ("none", "draft_model", "draft_model_default", "specdiff")
@@ -212,27 +212,6 @@ def run_engine_isolated(engine: BenchEngine, *args, **kwargs) -> list[dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # Results
-
-def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """speedup: tokens/s over no speculation (mean of its runs) at the same temperature and batch;
-    speedup_vs_draft_model: over the best draft_model engine on the V1 runner (the fair baseline)."""
-    def mean(values):
-        return sum(values) / len(values) if values else None
-
-    ok = [r for r in rows if r.get("tokens_per_s")]
-    keys = {(r["temperature"], r["batch"]) for r in ok}
-    plain = {key: mean([r["tokens_per_s"] for r in ok if r["method"] == "none"
-                        and (r["temperature"], r["batch"]) == key]) for key in keys}
-    best_draft_model = {key: max([r["tokens_per_s"] for r in ok if r["method"] == "draft_model"
-                                  and r.get("runner") == "v1" and (r["temperature"], r["batch"]) == key],
-                                 default=None) for key in keys}
-    for r in rows:
-        key = (r.get("temperature"), r.get("batch"))
-        tps = r.get("tokens_per_s")
-        r["speedup"] = tps / plain[key] if tps and plain.get(key) else None
-        r["speedup_vs_draft_model"] = (tps / best_draft_model[key]
-                                       if tps and best_draft_model.get(key) else None)
-
 
 def baseline_drift(rows: Sequence[dict[str, Any]]) -> float | None:
     """Largest relative spread of the no-speculation runs at one (temperature, batch), or None."""

@@ -228,6 +228,10 @@ def test_add_speedups_uses_same_run_baseline_mean():
     assert rows[6]["speedup"] is None  # no baseline at batch 4
     assert rows[7]["speedup"] is None
     assert bench_offline.baseline_drift(rows) == pytest.approx(4 / 12)
+    # The demo's rows carry no runner (offline.run_engine always runs V1): still the baseline.
+    demo = [{k: v for k, v in r.items() if k != "runner"} for r in rows[:4]]
+    bench_offline.add_speedups(demo)
+    assert demo[3]["speedup_vs_draft_model"] == pytest.approx(1.0)
 
 
 def test_load_prompts_jsonl(tmp_path):

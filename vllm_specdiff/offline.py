@@ -164,16 +164,24 @@ def run_isolated(spec: EngineSpec, *args, **kwargs) -> list[dict[str, Any]]:
 
 
 def add_speedups(results: list[dict[str, Any]]) -> None:
-    """speedup = tokens/s over 'no speculation' at the same batch and temperature (same run);
-    speedup_vs_draft_model likewise against the draft_model baseline."""
-    def index(method):
-        return {(r["batch"], r["temperature"]): r["tokens_per_s"] for r in results if r["method"] == method}
+    """speedup: tokens/s over no speculation (the mean of its runs) at the same temperature and
+    batch, in the same run; speedup_vs_draft_model: over the fastest draft_model engine on Model
+    Runner V1 without async scheduling (the fair baseline; rows without a runner ran there)."""
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
 
-    plain, draft_model = index("none"), index("draft_model")
+    ok = [r for r in results if r.get("tokens_per_s")]
+    keys = {(r["temperature"], r["batch"]) for r in ok}
+    plain = {key: mean([r["tokens_per_s"] for r in ok if r["method"] == "none"
+                        and (r["temperature"], r["batch"]) == key]) for key in keys}
+    draft_model = {key: max([r["tokens_per_s"] for r in ok if r["method"] == "draft_model"
+                             and r.get("runner", "v1") == "v1" and (r["temperature"], r["batch"]) == key],
+                            default=None) for key in keys}
     for r in results:
-        key = (r["batch"], r["temperature"])
-        r["speedup"] = r["tokens_per_s"] / plain[key] if key in plain else None
-        r["speedup_vs_draft_model"] = r["tokens_per_s"] / draft_model[key] if key in draft_model else None
+        key = (r.get("temperature"), r.get("batch"))
+        tps = r.get("tokens_per_s")
+        r["speedup"] = tps / plain[key] if tps and plain.get(key) else None
+        r["speedup_vs_draft_model"] = tps / draft_model[key] if tps and draft_model.get(key) else None
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
