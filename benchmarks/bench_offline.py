@@ -36,7 +36,8 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plots import format_table, group_points, plot_lines, write_jsonl  # noqa: E402
 
-from vllm_specdiff.offline import EngineSpec, add_speedups, device_name, run_engine  # noqa: E402
+from vllm_specdiff.offline import (EngineSpec, add_speedups, default_dtype, device_name,  # noqa: E402
+                                   run_engine)
 
 RUNNERS = ("v1", "default")
 ENGINE_KINDS = ("none", "draft_model", "draft_model_default", "specdiff")
@@ -352,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-num-draft-tokens", type=int, default=8)
     parser.add_argument("--base-num-steps", type=int, default=2)
     parser.add_argument("--window", type=int, help="specdiff drafter window (default: its length)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: float32 on CPU (bf16 is emulated on most CPUs), bfloat16 on GPU")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1, help="passes over the prompts per point")
     parser.add_argument("--baseline-reruns", type=int,
@@ -385,6 +387,7 @@ def apply_quick_defaults(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_quick_defaults(args)
+    args.dtype = default_dtype(args.dtype)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     inproc = args.engine_process == "inproc" or (args.engine_process == "auto" and args.quick)

@@ -6,6 +6,8 @@ vLLM's RejectionSampler draws its own and samples the bonus token with its Sampl
 
     python benchmarks/bench_rejection.py                 # GPU: full grid, all methods available
     python benchmarks/bench_rejection.py --quick         # CPU: reference only, small grid
+    python benchmarks/bench_rejection.py --vocab 49152 --num-draft-tokens 4 8 --batch 1 2 4 8 16 \
+        --temperature 0            # CPU: reference vs vLLM's CPU sampler (what --specdiff-verifier picks)
 
 Writes one JSON line per (configuration, method) to --out: device, dtype, batch, num_draft_tokens,
 vocab, method, ms (median over --iters), plus draft_probs (full / one_hot) and the torch version.
@@ -27,8 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def make_inputs(batch: int, num_draft_tokens: int, vocab: int, dtype: torch.dtype, one_hot: bool,
-                device: torch.device, seed: int = 0) -> dict[str, torch.Tensor | None]:
-    """A batch where every request has num_draft_tokens drafts and temperature 1 (random rows)."""
+                device: torch.device, seed: int = 0,
+                temperature: float = 1.0) -> dict[str, torch.Tensor | None]:
+    """A batch where every request has num_draft_tokens drafts and one temperature (0 = greedy)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     num_tokens = batch * num_draft_tokens
     target_logits = torch.randn(num_tokens + batch, vocab, device=device, generator=generator) * 3
@@ -44,7 +47,7 @@ def make_inputs(batch: int, num_draft_tokens: int, vocab: int, dtype: torch.dtyp
         cu_num_draft_tokens=torch.arange(1, batch + 1, device=device) * num_draft_tokens,
         draft_probs=None if one_hot else draft_probs.to(dtype),
         target_logits=target_logits.to(dtype),
-        temperature=torch.ones(batch, device=device),
+        temperature=torch.full((batch,), float(temperature), device=device),
         top_k=None,
         top_p=None,
     )
@@ -102,8 +105,10 @@ def vllm_method(inputs: dict, num_draft_tokens: int) -> Callable[[], object]:
         logits_indices=rows.reshape(-1),
     )
     empty = torch.empty(0, device=device)
+    greedy = bool((inputs["temperature"] == 0).all())
     sampling_metadata = SamplingMetadata(
-        temperature=inputs["temperature"], all_greedy=False, all_random=True, top_p=None,
+        temperature=None if greedy else inputs["temperature"], all_greedy=greedy,
+        all_random=not greedy, top_p=None,
         top_k=None, generators={}, max_num_logprobs=None, no_penalties=True,
         prompt_token_ids=None, frequency_penalties=empty, presence_penalties=empty,
         repetition_penalties=empty, output_token_ids=[[] for _ in range(batch)],
@@ -120,6 +125,22 @@ def vllm_method(inputs: dict, num_draft_tokens: int) -> Callable[[], object]:
     return run
 
 
+def prepare_vllm_cpu() -> str | None:
+    """Set up vLLM's CPU sampler as an engine would (its C++ fallbacks for the Triton kernels, with
+    the plugin's vllm#55005 fix); None when ready, else why it is skipped."""
+    try:
+        from vllm.platforms import current_platform
+
+        from vllm_specdiff.vllm_plugin import patches
+    except ImportError as error:
+        return f"skipped (vLLM unavailable: {error})"
+    if not current_platform.is_cpu():
+        return "skipped (vLLM's platform here is not CPU and there is no CUDA GPU)"
+    patches.install_cpu_expand_fix()
+    current_platform.register_triton_kernel_overrides()
+    return None
+
+
 def available_methods(device: torch.device, only_reference: bool) -> dict[str, str | None]:
     """method -> None if runnable, else the reason it is skipped."""
     methods: dict[str, str | None] = {"reference": None}
@@ -127,7 +148,8 @@ def available_methods(device: torch.device, only_reference: bool) -> dict[str, s
         methods["triton"] = methods["vllm"] = "skipped (--quick: reference only)"
         return methods
     if device.type != "cuda":
-        methods["triton"] = methods["vllm"] = "skipped (no CUDA GPU)"
+        methods["triton"] = "skipped (no CUDA GPU)"
+        methods["vllm"] = prepare_vllm_cpu()
         return methods
     try:
         import triton  # noqa: F401
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="target logits and draft probs dtype")
     parser.add_argument("--one-hot", action="store_true", help="verify without draft probs")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="every request's temperature (0 = greedy verification)")
     parser.add_argument("--batch", type=int, nargs="+", default=None)
     parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=None)
     parser.add_argument("--vocab", type=int, default=50257)
@@ -176,13 +200,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{method + ' ms':>13}" for method, reason in methods.items() if reason is None)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={device} ({device_name}, torch threads {torch.get_num_threads()}) "
-          f"dtype={args.dtype} draft_probs={'one_hot' if args.one_hot else 'full'}")
+          f"dtype={args.dtype} draft_probs={'one_hot' if args.one_hot else 'full'} "
+          f"temperature={args.temperature:g}")
     print(header)
     with args.out.open("a") as out:
         for batch in batches:
             for num_draft_tokens in draft_lengths:
                 inputs = make_inputs(batch, num_draft_tokens, args.vocab, dtype, args.one_hot,
-                                     device)
+                                     device, temperature=args.temperature)
                 timings = {}
                 for method, reason in methods.items():
                     if reason is not None:
@@ -201,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                         "num_draft_tokens": num_draft_tokens, "vocab": args.vocab,
                         "method": method, "ms": round(timings[method], 4),
                         "draft_probs": "one_hot" if args.one_hot else "full",
+                        "temperature": args.temperature,
                         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     }) + "\n")
                 print(f"{batch:>5} {num_draft_tokens:>6} {args.vocab:>6}  " + "  ".join(

@@ -41,7 +41,7 @@ from bench_offline import (OFFLINE_ENV, default_runner_is_v1_no_async, parse_flo
                            parse_ints)
 from plots import format_table, group_points, plot_lines, write_jsonl  # noqa: E402
 
-from vllm_specdiff.offline import acceptance_histogram, device_name  # noqa: E402
+from vllm_specdiff.offline import acceptance_histogram, default_dtype, device_name  # noqa: E402
 
 SERVER_KINDS = ("none", "draft_model", "draft_model_default", "specdiff")
 # vllm bench serve result keys kept in the JSON lines (others: per-request lists, dropped).
@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="BBC prompt length")
     parser.add_argument("--max-tokens", type=int, help="output tokens per request, default 128 "
                                                        "(quick: 32)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: float32 on CPU (bf16 is emulated on most CPUs), bfloat16 on GPU")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--server-args", default="--enforce-eager",
                         help="extra `vllm serve` arguments for every server (one string)")
@@ -394,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.dtype = default_dtype(args.dtype)
     quick = args.quick
     for name, full_value, quick_value in (("concurrency", "1,4,16", "1,4"),
                                           ("temperatures", "0,1", "0,1"),

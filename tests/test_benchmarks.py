@@ -375,3 +375,35 @@ def test_wait_for_health_and_stop_server(tmp_path):
     with pytest.raises(RuntimeError, match="exited with code 3"):
         bench_serve.wait_for_health(f"http://127.0.0.1:{bench_serve.free_port()}", dead,
                                     tmp_path / "log", timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_rejection: the CPU comparison with vLLM's own sampler times the same verification
+
+def test_bench_rejection_greedy_vllm_cpu_sampler_agrees_with_ours_and_writes_rows(tmp_path):
+    import bench_rejection
+
+    from vllm_specdiff.verification import rejection_sample_reference
+
+    device = torch.device("cpu")
+    assert bench_rejection.prepare_vllm_cpu() is None  # vLLM's CPU sampler is set up here
+    inputs = bench_rejection.make_inputs(3, 4, 97, torch.float32, False, device, temperature=0.0)
+    ours = bench_rejection.ours(inputs, 4, rejection_sample_reference)().output_token_ids
+    theirs = bench_rejection.vllm_method(inputs, 4)().sampled_token_ids
+    assert torch.equal(ours, theirs.to(ours.dtype))  # greedy: one answer, same placeholders
+    out = tmp_path / "rejection.jsonl"
+    bench_rejection.main(["--vocab", "97", "--batch", "2", "--num-draft-tokens", "3", "--warmup", "0",
+                          "--iters", "1", "--temperature", "0", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"reference", "vllm"}
+    assert all(r["temperature"] == 0 and r["ms"] > 0 for r in rows)
+
+
+def test_default_dtype_is_float32_on_cpu_and_bf16_on_gpu(monkeypatch):
+    from vllm_specdiff.offline import default_dtype
+
+    assert default_dtype("bfloat16") == "bfloat16" and default_dtype("float16") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_dtype() == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_dtype("auto") == "bfloat16"

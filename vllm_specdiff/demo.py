@@ -22,15 +22,17 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ar-draft-tokens", type=int, default=4, help="draft_model k")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--temperatures", default="0,1")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: float32 on CPU (bf16 is emulated on most CPUs), bfloat16 on GPU")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from .assets import AR_DRAFTER_DIR, SEDD_DRAFTER_DIR, prepare_target, target_tokenizer
     from .data import heldout_prompts
-    from .offline import EngineSpec, add_speedups, device_name, format_table, run_isolated
+    from .offline import EngineSpec, add_speedups, default_dtype, device_name, format_table, run_isolated
 
+    args.dtype = default_dtype(args.dtype)
     target = str(prepare_target())
     tokenizer = target_tokenizer()
     prompts = heldout_prompts(tokenizer, args.num_prompts, args.prompt_tokens)
