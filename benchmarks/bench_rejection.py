@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{'batch':>5} {'drafts':>6} {'vocab':>6}  " + "  ".join(
         f"{method + ' ms':>13}" for method, reason in methods.items() if reason is None)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_label = f"cuda ({device_name})" if device.type == "cuda" else "cpu"
     print(f"device={device} ({device_name}, torch threads {torch.get_num_threads()}) "
           f"dtype={args.dtype} draft_probs={'one_hot' if args.one_hot else 'full'} "
           f"temperature={args.temperature:g}")
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                         fn = vllm_method(inputs, num_draft_tokens)
                     timings[method] = time_ms(fn, device, warmup, iters)
                     out.write(json.dumps({
-                        "device": str(device), "dtype": args.dtype, "batch": batch,
+                        "device": device_label, "dtype": args.dtype, "batch": batch,
                         "num_draft_tokens": num_draft_tokens, "vocab": args.vocab,
                         "method": method, "ms": round(timings[method], 4),
                         "draft_probs": "one_hot" if args.one_hot else "full",

@@ -448,12 +448,12 @@ def plot_speedup_vs_k(predictions: Sequence[dict[str, Any]], path: Path, plot_st
                 panel.setdefault(label, []).append((k, p["speedup"]))
                 styles[label] = {"color": alpha_color(p["alpha"])}
         elif ar_alpha is not None and abs(p["alpha"] - ar_alpha) < 1e-12:
-            panel.setdefault(f"AR drafter a={ar_alpha:g}", []).append((k, p["speedup"]))
+            label = f"AR drafter a={ar_alpha:g}"
+            panel.setdefault(label, []).append((k, p["speedup"]))
+            styles[label] = {"color": "black", "linestyle": "--"}
     return plot_lines(path, panels, "num_draft_tokens (k)", "predicted speedup",
                       f"predicted speedup (specdiff: largest timed T <= {plot_steps}, W = "
-                      f"{windows[0] if windows else '-'})", logx=True, hline=1.0,
-                      styles={**styles, f"AR drafter a={ar_alpha:g}": {"color": "black",
-                                                                         "linestyle": "--"}})
+                      f"{windows[0] if windows else '-'})", logx=True, hline=1.0, styles=styles)
 
 
 def alpha_color(alpha: float) -> tuple[float, float, float, float]:

@@ -141,6 +141,10 @@ def test_cost_model_predictions_summary_and_plot(tmp_path):
     assert cost_model.plot_steps_for({(4, 2), (4, 4)}, 4, 1) == 2
     path = cost_model.plot_speedup_vs_k(predictions, tmp_path / "k.png", 4, 0.8)
     assert path is not None and path.stat().st_size > 0
+    # --no-ar: no AR rows and no AR alpha (this used to crash formatting the AR legend label).
+    sedd_only = [p for p in predictions if p["drafter"] == "sedd-small"]
+    path = cost_model.plot_speedup_vs_k(sedd_only, tmp_path / "k-no-ar.png", 4, None)
+    assert path is not None and path.stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Standalone speculative_generate: greedy identity, exact sampling law, statistics, bad input."""
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import Counter
 from pathlib import Path
@@ -35,8 +36,24 @@ def random_sedd(tokens: int, length: int = 64) -> SEDD:
 PROMPTS = [[5, 17, 3], list(range(1, 40)), [7], [9, 9, 9, 9, 12, 30, 31, 2, 8, 44, 45]]
 
 
+# CUDA runs the same checks through the GPU path (Triton verification kernels, drafters on the GPU),
+# float32 with TF32 off; without a GPU (CI) those cases are skipped.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine"))]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def target_greedy(target, prompt, max_new_tokens):
-    out = target.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    device = next(target.parameters()).device
+    out = target.generate(torch.tensor([prompt], device=device),
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                           max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -46,12 +63,15 @@ def target():
     return tiny_gpt2(vocab=64, seed=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("drafter_kind", ["diffusion", "autoregressive", "self"])
-def test_greedy_is_token_identical_to_target_greedy(target, drafter_kind):
+def test_greedy_is_token_identical_to_target_greedy(target, drafter_kind, device):
+    target = copy.deepcopy(target).to(device) if device != "cpu" else target
     if drafter_kind == "diffusion":
-        drafter = DiffusionDrafter(random_sedd(64), num_draft_tokens=6, num_steps=2, window=16)
+        drafter = DiffusionDrafter(random_sedd(64).to(device), num_draft_tokens=6, num_steps=2, window=16)
     elif drafter_kind == "autoregressive":
-        drafter = AutoregressiveDrafter(tiny_gpt2(vocab=64, seed=5, layers=1), num_draft_tokens=4, window=32)
+        drafter = AutoregressiveDrafter(tiny_gpt2(vocab=64, seed=5, layers=1).to(device), num_draft_tokens=4,
+                                        window=32)
     else:  # the target drafting for itself: every greedy draft must be accepted
         drafter = AutoregressiveDrafter(target, num_draft_tokens=5)
     result = speculative_generate(target, drafter, PROMPTS, max_new_tokens=210, temperature=0.0)
@@ -88,17 +108,18 @@ def exact_continuation_law(target, prompt, horizon, vocab):
     return law
 
 
-def test_temperature_one_law_matches_the_target_exactly():
+@pytest.mark.parametrize("device", DEVICES)
+def test_temperature_one_law_matches_the_target_exactly(device):
     """3-token continuations through diffusion drafts + full-q verification follow the target law."""
     vocab = 4
     target = tiny_gpt2(vocab=vocab, seed=3)
     with torch.no_grad():
         target.lm_head.weight.normal_(std=0.3)
-    drafter = DiffusionDrafter(SEDD.from_pretrained(FIXTURE), num_draft_tokens=2, num_steps=2)
     prompt, horizon, n = [1, 2, 3, 0, 1], 3, 6000
-    result = speculative_generate(target, drafter, [prompt] * n, max_new_tokens=horizon,
-                                  temperature=1.0, generator=torch.Generator().manual_seed(0))
-    law = exact_continuation_law(target, prompt, horizon, vocab)
+    law = exact_continuation_law(target, prompt, horizon, vocab)  # on the CPU, before the move
+    drafter = DiffusionDrafter(SEDD.from_pretrained(FIXTURE).to(device), num_draft_tokens=2, num_steps=2)
+    result = speculative_generate(target.to(device), drafter, [prompt] * n, max_new_tokens=horizon,
+                                  temperature=1.0, generator=torch.Generator(device).manual_seed(0))
     counts = Counter(tuple(s) for s in result.sequences)
     keys = sorted(law)
     assert chisquare([counts.get(k, 0) for k in keys], [n * law[k] for k in keys]).pvalue > 1e-3

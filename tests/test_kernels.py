@@ -4,9 +4,11 @@ The comparisons run in a subprocess with TRITON_INTERPRET=1 (CPU tensors, no GPU
 be set before triton is first imported, and other tests in this process import vllm, which imports
 triton. A second subprocess (without the interpreter) compiles the kernels for an H100 (sm_90) with
 the ptxas bundled in the triton wheel, which catches type errors the interpreter lets through.
+On a machine with a CUDA GPU a third subprocess runs the same cases (and large-vocabulary batches) on
+the GPU with the compiled kernels; without one that test is skipped (CI has no GPU).
 
-Run `python tests/test_kernels.py interpret` (with TRITON_INTERPRET=1) or `... compile` by hand to
-see the per-case report.
+Run `python tests/test_kernels.py interpret` (with TRITON_INTERPRET=1), `... compile` or `... cuda`
+by hand to see the per-case report.
 """
 from __future__ import annotations
 
@@ -55,6 +57,16 @@ def test_kernels_compile_for_sm90() -> None:
     if report.get("skipped"):
         pytest.skip(report["skipped"])
     assert report["compiled"] >= 5
+
+
+def test_kernels_equal_reference_on_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine (run on a GPU machine: see the module docstring)")
+    report = _run_helper("cuda", interpret=False)
+    assert report["mismatches"] == [], report["mismatches"]
+    assert report["num_cases"] >= 40
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +221,101 @@ def _interpret_main() -> dict:
             "seconds": round(time.time() - start, 1)}
 
 
+def _large_cases() -> list[tuple[str, dict]]:
+    """Real vocabularies (GPT-2 50257, SmolLM2 49152), batches of 1-64 with up to 16 drafts."""
+    import torch
+
+    cases, seed = [], 200
+    for vocab in (50257, 49152):
+        for logits_dtype in (torch.float32, torch.bfloat16):
+            for one_hot in (False, True):
+                for num_draft in ((8,), (4,) * 16, (0, 16, 3, 8) * 16):
+                    seed += 1
+                    name = (f"vocab={vocab} {str(logits_dtype)[6:]} "
+                            f"{'one_hot' if one_hot else 'full_q'} batch={len(num_draft)}")
+                    temperatures = (0.0, 0.8, 1.0, 0.0, 1.5, 0.6)
+                    case = _make_case_batch(vocab, logits_dtype, one_hot, seed, num_draft,
+                                            temperatures)
+                    cases.append((name, case))
+    return cases
+
+
+def _make_case_batch(vocab: int, logits_dtype, one_hot: bool, seed: int, num_draft: tuple,
+                     temperatures: tuple) -> dict:
+    """Like _make_case, for any batch: temperatures cycle through `temperatures`."""
+    import torch
+
+    from vllm_specdiff.verification import draw_random, request_index
+
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(num_draft)
+    temperature = torch.tensor([temperatures[i % len(temperatures)] for i in range(batch)])
+    counts = torch.tensor(num_draft)
+    cu = counts.cumsum(0)
+    num_tokens = int(cu[-1])
+    token_request = request_index(counts, num_tokens)
+    token_row = torch.arange(num_tokens) + token_request
+    target_logits = (torch.randn(num_tokens + batch, vocab, generator=generator) * 3).to(logits_dtype)
+    row_temperature = torch.where(temperature == 0, 1.0, temperature)[token_request]
+    draft_logits = (target_logits[token_row].float() / row_temperature.unsqueeze(1)
+                    + 0.5 * torch.randn(num_tokens, vocab, generator=generator))
+    draft_probs = draft_logits.softmax(-1)
+    drafts = torch.multinomial(draft_probs, 1, generator=generator).squeeze(1)
+    argmax = target_logits.float().argmax(-1)
+    greedy_token = temperature[token_request] == 0
+    agree = torch.rand(num_tokens, generator=generator) < 0.7  # greedy chains of some length
+    drafts = torch.where(greedy_token & agree, argmax[token_row], drafts)
+    uniform, exponential = draw_random(cu, vocab, generator, "cpu")
+    return dict(
+        draft_token_ids=drafts, cu_num_draft_tokens=cu,
+        draft_probs=None if one_hot else draft_probs, target_logits=target_logits,
+        temperature=temperature, top_k=None, top_p=None, uniform_samples=uniform,
+        exponential_samples=exponential, max_draft_len=None)
+
+
+def _cuda_main() -> dict:
+    """Every interpreter case plus large-vocabulary batches on the GPU with compiled kernels (the
+    vocab tile of the interpreter cases and the default tile), against the PyTorch reference on
+    the CPU with the same random numbers."""
+    import torch
+
+    from vllm_specdiff.verification import rejection_sample, rejection_sample_reference
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU"}
+    rejection = _import_kernels()
+    device = torch.device("cuda")
+    mismatches, events, num_cases = [], {mode: dict.fromkeys(
+        ("greedy_accepted", "greedy_rejected", "random_accepted", "recovered", "bonus"), 0)
+        for mode in ("full_q", "one_hot")}, 0
+    start = time.time()
+    runs = [(name, case, BLOCK_SIZE) for name, case in _cases()]
+    runs += [(name, case, 1024) for name, case in _cases()]
+    runs += [(name, case, 1024) for name, case in _large_cases()]
+    for name, case, block_size in runs:
+        expected = rejection_sample_reference(**case)
+        on_gpu = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                  for key, value in case.items()}
+        actual = rejection.rejection_sample_triton(**on_gpu, block_size=block_size)
+        dispatched = rejection_sample(**on_gpu)  # the public entry point picks the kernels on CUDA
+        num_cases += 1
+        for label, result in (("triton", actual), ("rejection_sample", dispatched)):
+            tokens, accepted = result.output_token_ids.cpu(), result.num_accepted.cpu()
+            if not (torch.equal(expected.output_token_ids, tokens)
+                    and torch.equal(expected.num_accepted, accepted)):
+                differ = (expected.output_token_ids != tokens).any(1).nonzero().flatten()
+                mismatches.append({"case": f"{name} block={block_size} {label}",
+                                   "rows": differ.tolist()[:8],
+                                   "reference": expected.output_token_ids[differ[:2]].tolist(),
+                                   "gpu": tokens[differ[:2]].tolist()})
+        _count_events(case, expected, events)
+        print(f"{name:48s} block {block_size:5d} accepted {expected.num_accepted.tolist()[:8]}",
+              file=sys.stderr)
+    return {"num_cases": num_cases, "mismatches": mismatches, "events": events,
+            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "seconds": round(time.time() - start, 1)}
+
+
 def _compile_main() -> dict:
     try:
         import triton
@@ -254,5 +361,5 @@ def _compile_main() -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     mode = sys.argv[1] if len(sys.argv) > 1 else "interpret"
-    result = _interpret_main() if mode == "interpret" else _compile_main()
+    result = {"interpret": _interpret_main, "compile": _compile_main, "cuda": _cuda_main}[mode]()
     print(json.dumps(result))

@@ -319,9 +319,10 @@ def test_exact_one_hot_even_when_recorded_q_is_not_conditional(vocab: int, num_d
 
 def sample_rounds(num_rounds: int, vocab: int, num_draft: int, one_hot: bool, temperature: float,
                   top_k: int, top_p: float, target: list[torch.Tensor],
-                  verify_target: list[torch.Tensor], seed: int) -> torch.Tensor:
+                  verify_target: list[torch.Tensor], seed: int, device: str = "cpu") -> torch.Tensor:
     """[num_rounds] index of the first num_draft + 1 tokens (row-major) of one batched round per
-    request, verified against `verify_target` and continued with `target` sampling."""
+    request, verified against `verify_target` and continued with `target` sampling. On a CUDA
+    `device` the verification runs in the Triton kernels (what `rejection_sample` picks there)."""
     generator = torch.Generator().manual_seed(seed)
     draft_tables = random_tables(vocab, num_draft, 1.0, seed + 1)
     drafts = torch.zeros(num_rounds, num_draft, dtype=torch.int64)
@@ -332,17 +333,19 @@ def sample_rounds(num_rounds: int, vocab: int, num_draft: int, one_hot: bool, te
     row_logits = torch.stack([lookup(verify_target, drafts, i) for i in range(num_draft + 1)], 1)
     cu_num_draft_tokens = torch.arange(1, num_rounds + 1) * num_draft
     uniform, exponential = draw_random(cu_num_draft_tokens, vocab, generator, "cpu")
-    out = rejection_sample(
-        drafts.reshape(-1), cu_num_draft_tokens,
-        None if one_hot else draft_probs.reshape(-1, vocab),
-        row_logits.reshape(-1, vocab).float(), torch.full((num_rounds,), temperature),
-        torch.full((num_rounds,), top_k), torch.full((num_rounds,), top_p), uniform, exponential)
-    tokens = out.output_token_ids.clone()  # [num_rounds, num_draft + 1]
+    inputs = (drafts.reshape(-1), cu_num_draft_tokens,
+              None if one_hot else draft_probs.reshape(-1, vocab),
+              row_logits.reshape(-1, vocab).float(), torch.full((num_rounds,), temperature),
+              torch.full((num_rounds,), top_k), torch.full((num_rounds,), top_p), uniform,
+              exponential)
+    out = rejection_sample(*(x if x is None else x.to(device) for x in inputs))
+    tokens = out.output_token_ids.cpu().clone()  # [num_rounds, num_draft + 1]
+    num_accepted = out.num_accepted.cpu()
     laws = target_law_tables(target, temperature, top_k, top_p)
     for position in range(1, num_draft + 1):  # continue each round with target sampling
         law = lookup(laws, tokens.clamp(min=0), position)
         sampled = torch.multinomial(law, 1, generator=generator).squeeze(1)
-        emitted = out.num_accepted >= position
+        emitted = num_accepted >= position
         tokens[:, position] = torch.where(emitted, tokens[:, position], sampled)
     assert (tokens >= 0).all()
     return (tokens * vocab ** torch.arange(num_draft, -1, -1)).sum(1)
@@ -379,6 +382,27 @@ def test_chi_square_output_law_equals_target_law(case: str) -> None:
                                        dtype=torch.float64) for table in target]
     wrong_cells = sample_rounds(num_rounds, vocab, num_draft, target=target, verify_target=wrong,
                                 seed=11, **params)
+    assert chi_square_p_value(wrong_cells, law) < 1e-6
+
+
+@pytest.mark.parametrize("case", list(CHI_SQUARE_CASES))
+def test_chi_square_output_law_on_cuda_triton_kernels(case: str) -> None:
+    """The same law check through the compiled Triton kernels in one 120k-request batch."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the CPU run of this law check is the test above")
+    pytest.importorskip("triton")
+    vocab, num_draft, num_rounds = 4, 2, 120_000
+    params = CHI_SQUARE_CASES[case]
+    target = random_tables(vocab, num_draft + 1, 1.2, seed=20)
+    law = target_joint_law(target, vocab, num_draft + 1, params["temperature"], params["top_k"],
+                           params["top_p"])
+    cells = sample_rounds(num_rounds, vocab, num_draft, target=target, verify_target=target,
+                          seed=21, device="cuda", **params)
+    assert chi_square_p_value(cells, law) > 1e-3
+    wrong = [table + 0.3 * torch.randn(table.shape, generator=torch.Generator().manual_seed(22),
+                                       dtype=torch.float64) for table in target]
+    wrong_cells = sample_rounds(num_rounds, vocab, num_draft, target=target, verify_target=wrong,
+                                seed=21, device="cuda", **params)
     assert chi_square_p_value(wrong_cells, law) < 1e-6
 
 
