@@ -95,9 +95,10 @@ def _make_case(vocab: int, logits_dtype, one_hot: bool, filtered: bool, seed: in
 
     index_dtype = index_dtype or torch.int64
     generator = torch.Generator().manual_seed(seed)
-    temperature = torch.tensor([0.0, 0.8, 1.0, 0.0, 1.5, 0.6][:len(num_draft)])
+    batch = len(num_draft)
+    temperature = torch.tensor([0.0, 0.8, 1.0, 0.0, 1.5, 0.6]).repeat(batch // 6 + 1)[:batch]
     cu = torch.tensor(num_draft).cumsum(0)
-    batch, num_tokens = len(num_draft), int(cu[-1])
+    num_tokens = int(cu[-1])
     token_request = request_index(torch.tensor(num_draft), num_tokens)
     token_row = torch.arange(num_tokens) + token_request
     target_logits = torch.randn(num_tokens + batch, vocab, generator=generator) * 2
@@ -120,8 +121,9 @@ def _make_case(vocab: int, logits_dtype, one_hot: bool, filtered: bool, seed: in
         draft_token_ids=drafts.to(index_dtype), cu_num_draft_tokens=cu.to(index_dtype),
         draft_probs=None if one_hot else draft_probs.to(draft_dtype or torch.float32),
         target_logits=target_logits, temperature=temperature,
-        top_k=torch.tensor([0, 5, 0, 3, 2, 0][:batch]) if filtered else None,
-        top_p=torch.tensor([1.0, 0.9, 0.7, 1.0, 1.0, 0.5][:batch]) if filtered else None,
+        top_k=torch.tensor([0, 5, 0, 3, 2, 0]).repeat(batch // 6 + 1)[:batch] if filtered else None,
+        top_p=torch.tensor([1.0, 0.9, 0.7, 1.0, 1.0, 0.5]).repeat(batch // 6 + 1)[:batch]
+        if filtered else None,
         uniform_samples=uniform, exponential_samples=exponential, max_draft_len=max_draft_len)
 
 
@@ -233,44 +235,9 @@ def _large_cases() -> list[tuple[str, dict]]:
                     seed += 1
                     name = (f"vocab={vocab} {str(logits_dtype)[6:]} "
                             f"{'one_hot' if one_hot else 'full_q'} batch={len(num_draft)}")
-                    temperatures = (0.0, 0.8, 1.0, 0.0, 1.5, 0.6)
-                    case = _make_case_batch(vocab, logits_dtype, one_hot, seed, num_draft,
-                                            temperatures)
-                    cases.append((name, case))
+                    cases.append((name, _make_case(vocab, logits_dtype, one_hot, filtered=False,
+                                                   seed=seed, num_draft=num_draft)))
     return cases
-
-
-def _make_case_batch(vocab: int, logits_dtype, one_hot: bool, seed: int, num_draft: tuple,
-                     temperatures: tuple) -> dict:
-    """Like _make_case, for any batch: temperatures cycle through `temperatures`."""
-    import torch
-
-    from vllm_specdiff.verification import draw_random, request_index
-
-    generator = torch.Generator().manual_seed(seed)
-    batch = len(num_draft)
-    temperature = torch.tensor([temperatures[i % len(temperatures)] for i in range(batch)])
-    counts = torch.tensor(num_draft)
-    cu = counts.cumsum(0)
-    num_tokens = int(cu[-1])
-    token_request = request_index(counts, num_tokens)
-    token_row = torch.arange(num_tokens) + token_request
-    target_logits = (torch.randn(num_tokens + batch, vocab, generator=generator) * 3).to(logits_dtype)
-    row_temperature = torch.where(temperature == 0, 1.0, temperature)[token_request]
-    draft_logits = (target_logits[token_row].float() / row_temperature.unsqueeze(1)
-                    + 0.5 * torch.randn(num_tokens, vocab, generator=generator))
-    draft_probs = draft_logits.softmax(-1)
-    drafts = torch.multinomial(draft_probs, 1, generator=generator).squeeze(1)
-    argmax = target_logits.float().argmax(-1)
-    greedy_token = temperature[token_request] == 0
-    agree = torch.rand(num_tokens, generator=generator) < 0.7  # greedy chains of some length
-    drafts = torch.where(greedy_token & agree, argmax[token_row], drafts)
-    uniform, exponential = draw_random(cu, vocab, generator, "cpu")
-    return dict(
-        draft_token_ids=drafts, cu_num_draft_tokens=cu,
-        draft_probs=None if one_hot else draft_probs, target_logits=target_logits,
-        temperature=temperature, top_k=None, top_p=None, uniform_samples=uniform,
-        exponential_samples=exponential, max_draft_len=None)
 
 
 def _cuda_main() -> dict:
@@ -289,8 +256,8 @@ def _cuda_main() -> dict:
         ("greedy_accepted", "greedy_rejected", "random_accepted", "recovered", "bonus"), 0)
         for mode in ("full_q", "one_hot")}, 0
     start = time.time()
-    runs = [(name, case, BLOCK_SIZE) for name, case in _cases()]
-    runs += [(name, case, 1024) for name, case in _cases()]
+    cases = _cases()
+    runs = [(name, case, block_size) for block_size in (BLOCK_SIZE, 1024) for name, case in cases]
     runs += [(name, case, 1024) for name, case in _large_cases()]
     for name, case, block_size in runs:
         expected = rejection_sample_reference(**case)
