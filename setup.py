@@ -1,5 +1,5 @@
 """Packaging metadata for vllm-specdiff (the single source of truth)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="vllm-specdiff",
@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # `kernels/` lives at the top level of the repository but is installed as
     # `vllm_specdiff.kernels`: `kernels` is also the name of an unrelated PyPI package.
-    packages=["vllm_specdiff", "vllm_specdiff.vllm_plugin", "vllm_specdiff.kernels"],
+    packages=find_packages(include=["vllm_specdiff", "vllm_specdiff.*"]) + ["vllm_specdiff.kernels"],
     package_dir={"vllm_specdiff.kernels": "kernels"},
     package_data={"vllm_specdiff": ["drafters/*/*.json", "drafters/*/*.safetensors"]},
     install_requires=[
