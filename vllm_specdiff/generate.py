@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from .drafter import DraftOutput, Generators, temperatures_tensor, tempered_probs, validate_contexts
+from .models.conditioned import target_layer_features
 from .verification import draw_random, rejection_sample
 
 
@@ -134,7 +135,8 @@ def speculative_generate(target, drafter, input_ids: Sequence[Sequence[int]], ma
     """Generate up to max_new_tokens per prompt with lossless speculative sampling.
 
     target: a transformers causal LM (its KV cache is used); drafter: any `Drafter`
-    (DiffusionDrafter or AutoregressiveDrafter) with the target's vocabulary. temperature 0 is
+    (DiffusionDrafter or AutoregressiveDrafter) with the target's vocabulary, or a
+    ConditionedDrafter, which is fed the target's hidden states of every processed position. temperature 0 is
     greedy: the output equals the target's own greedy decoding. draft_temperature defaults to the
     request temperature (0 for greedy requests). Returns new tokens per prompt and statistics.
     """
@@ -159,6 +161,10 @@ def speculative_generate(target, drafter, input_ids: Sequence[Sequence[int]], ma
 
     device = next(target.parameters()).device
     vocab = drafter.vocab_size
+    # A target-conditioned drafter reads the target's layer outputs: they come with every target
+    # forward (output_hidden_states) and only the new positions enter its context cache.
+    conditioned = bool(getattr(drafter, "needs_target_features", False))
+    context_cache = drafter.new_cache(len(contexts), context_length) if conditioned else None
     if draft_temperature is None:
         draft_temperature = temperature
     stats = GenerationStats(acceptance_histogram=[0] * (num_draft + 1))
@@ -172,17 +178,29 @@ def speculative_generate(target, drafter, input_ids: Sequence[Sequence[int]], ma
     if ids.shape[1] > 0:
         positions = (cache_mask.cumsum(-1) - 1).clamp(min=0)
         start = _timer(device)
-        cache = target(input_ids=ids, attention_mask=cache_mask, position_ids=positions,
-                       use_cache=True).past_key_values
+        prefill = target(input_ids=ids, attention_mask=cache_mask, position_ids=positions,
+                         use_cache=True, output_hidden_states=conditioned)
+        cache = prefill.past_key_values
         stats.target_time_s += _timer(device) - start
+        if conditioned:
+            start = _timer(device)
+            features = target_layer_features(prefill.hidden_states, drafter.target_layer_ids)
+            valid = cache_mask.sum(-1).tolist()  # left-padded: the valid positions are the last ones
+            context_cache.append(range(len(contexts)),
+                                 [features[r, features.shape[1] - n:] for r, n in enumerate(valid)])
+            stats.drafter_time_s += _timer(device) - start
     next_position = cache_mask.sum(-1)  # [batch] position id of the pending token
     pending = torch.tensor([c[-1] for c in contexts], device=device)
 
     while active:
         batch = len(active)
         start = _timer(device)
-        draft = drafter.draft([contexts[i] for i in active], temperature=draft_temperature,
-                              generator=generator)
+        if conditioned:
+            draft = drafter.draft(context_cache, active, pending,
+                                  torch.full((batch,), float(draft_temperature)), generator=generator)
+        else:
+            draft = drafter.draft([contexts[i] for i in active], temperature=draft_temperature,
+                                  generator=generator)
         stats.drafter_time_s += _timer(device) - start
 
         start = _timer(device)
@@ -190,7 +208,7 @@ def speculative_generate(target, drafter, input_ids: Sequence[Sequence[int]], ma
         attention_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, 1 + num_draft)], dim=1)
         positions = next_position[:, None] + torch.arange(1 + num_draft, device=device)
         out = target(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True)
+                     past_key_values=cache, use_cache=True, output_hidden_states=conditioned)
         cache = out.past_key_values
         target_logits = out.logits[..., :vocab].reshape(batch * (1 + num_draft), vocab)
         cu_num_draft = torch.arange(1, batch + 1, device=device) * num_draft
@@ -208,6 +226,11 @@ def speculative_generate(target, drafter, input_ids: Sequence[Sequence[int]], ma
 
         num_accepted = result.num_accepted.tolist()
         emitted_rows = result.output_token_ids.tolist()
+        if conditioned:  # the anchor and the accepted drafts now have target states
+            start = _timer(device)
+            features = target_layer_features(out.hidden_states, drafter.target_layer_ids)
+            context_cache.append(active, [features[r, :num_accepted[r] + 1] for r in range(batch)])
+            stats.drafter_time_s += _timer(device) - start
         keep = []
         for row, prompt in enumerate(active):
             accepted = num_accepted[row]

@@ -1,0 +1,268 @@
+"""Target-conditioned drafter: exactness of its draft laws (enumeration on a tiny vocabulary, real
+draft() samples), its context cache, its checkpoint format and the standalone loop."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from vllm_specdiff.drafting.conditioned import ConditionedDrafter, step_slices
+from vllm_specdiff.models.conditioned import ConditionedConfig, ConditionedDenoiser, init_weights
+from vllm_specdiff.models.conditioned_checkpoint import (ConditionedCheckpointError, check_target,
+                                                         load_conditioned, save_conditioned)
+
+VOCAB = 4
+CONTEXT_LEN = 5
+
+
+def tiny_model(block_size: int = 4, draft_vocab: list[int] | None = None, seed: int = 0,
+               dtype: torch.dtype = torch.float64) -> ConditionedDenoiser:
+    torch.manual_seed(seed)
+    config = ConditionedConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                               num_kv_heads=1, head_dim=16, intermediate_size=48,
+                               block_size=block_size, target_layer_ids=(0, 2), target_num_layers=3,
+                               target_hidden_size=8,
+                               draft_vocab_size=len(draft_vocab) if draft_vocab else None)
+    model = ConditionedDenoiser(config)
+    init_weights(model, std=0.5)
+    if draft_vocab:
+        model.draft_vocab = torch.tensor(draft_vocab)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model.attach_target(torch.randn(VOCAB, 32, generator=gen), torch.randn(VOCAB, 32, generator=gen))
+    return model.to(dtype).requires_grad_(False)
+
+
+def features(seed: int = 5, length: int = CONTEXT_LEN) -> torch.Tensor:
+    return torch.randn(length, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def target_law(prefix: tuple[int, ...]) -> torch.Tensor:
+    """A tiny 'target LM': a fixed random next-token law per prefix (float64 [VOCAB])."""
+    gen = torch.Generator().manual_seed(hash(("target",) + prefix) % (2**31))
+    return torch.softmax(1.5 * torch.randn(VOCAB, generator=gen, dtype=torch.float64), -1)
+
+
+def continuation_law(prefix: tuple[int, ...], horizon: int) -> dict[tuple[int, ...], float]:
+    law = {(): 1.0}
+    for _ in range(horizon):
+        law = {s + (y,): w * float(target_law(prefix + s)[y]) for s, w in law.items() for y in range(VOCAB)}
+    return law
+
+
+def round_output_law(drafts, horizon: int) -> dict[tuple[int, ...], float]:
+    """Exact law of one speculative round (Leviathan et al. 2023) extended to `horizon` tokens by the
+    target; drafts: (tokens, probability, recorded rows)."""
+    out: dict[tuple[int, ...], float] = defaultdict(float)
+
+    def emit(seq, weight):
+        for tail, w in continuation_law(seq, horizon - len(seq)).items():
+            out[seq + tail] += weight * w
+
+    for tokens, weight, rows in drafts:
+        reach, prefix = weight, ()
+        for token, row in zip(tokens, rows):
+            target_row = target_law(prefix)
+            accept = min(1.0, float(target_row[token] / row[token]))
+            residual = torch.clamp(target_row - row, min=0)
+            if residual.sum() > 0:
+                residual = residual / residual.sum()
+                for y in range(VOCAB):
+                    if residual[y] > 0:
+                        emit(prefix + (y,), reach * (1 - accept) * float(residual[y]))
+            reach *= accept
+            prefix += (token,)
+        for y in range(VOCAB):
+            emit(prefix + (y,), reach * float(target_law(prefix)[y]))
+    return out
+
+
+def total_variation(a, b) -> float:
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def block_rows(model: ConditionedDenoiser, tokens: tuple[int, ...], k: int, lo: int, hi: int,
+               known: dict[int, int] | None = None) -> torch.Tensor:
+    """The drafter's law of slots lo..hi-1 given revealed slots `tokens` (0..len-1) and `known`,
+    computed from the model directly: [hi - lo, VOCAB] float64."""
+    block = k + 1
+    ids = torch.zeros(1, block, dtype=torch.long)
+    revealed = torch.zeros(1, block, dtype=torch.bool)
+    ids[0, 0], revealed[0, 0] = 3, True  # anchor token
+    for j, t in enumerate(tokens):
+        ids[0, 1 + j], revealed[0, 1 + j] = t, True
+    for j, t in (known or {}).items():
+        ids[0, 1 + j], revealed[0, 1 + j] = t, True
+    feats = features()[None].to(model.fc.weight.dtype)
+    kv = model.context_key_values(feats, torch.arange(CONTEXT_LEN)[None])
+    positions = CONTEXT_LEN + torch.arange(block)[None]
+    mask = torch.ones(1, 1, block, CONTEXT_LEN + block, dtype=torch.bool)
+    hidden = model.block_hidden(ids, revealed, positions, kv, mask)[0, 1 + lo:1 + hi]
+    probs = torch.softmax(model.draft_logits(hidden).double(), -1)
+    full = torch.zeros(hi - lo, VOCAB, dtype=torch.float64)
+    full[:, model.draft_vocab] = probs
+    return full
+
+
+def enumerate_drafts(model, k: int, steps: int, known: dict[int, int] | None = None):
+    """Every left-to-right draft with its probability and recorded rows (sampled policy, T = 1)."""
+    known = known or {}
+    paths = [((), 1.0, [])]
+    for lo, hi in step_slices(k, steps):
+        rows_cache = {}
+        nxt = []
+        for tokens, weight, rows in paths:
+            law = block_rows(model, tokens, k, lo, hi, known)
+            choices = [[known[j]] if j in known else range(VOCAB) for j in range(lo, hi)]
+            for chunk in itertools.product(*choices):
+                w = weight
+                chunk_rows = []
+                for i, j in enumerate(range(lo, hi)):
+                    if j in known:
+                        chunk_rows.append(torch.nn.functional.one_hot(torch.tensor(known[j]), VOCAB).double())
+                    else:
+                        w *= float(law[i, chunk[i]])
+                        chunk_rows.append(law[i])
+                if w > 0:
+                    nxt.append((tokens + chunk, w, rows + chunk_rows))
+        paths = nxt
+    return paths
+
+
+def draft_cache(model, num_slots: int = 1) -> ConditionedDrafter:
+    return ConditionedDrafter(model, model.config.num_draft_tokens)
+
+
+def make_cache(drafter: ConditionedDrafter, num_slots: int):
+    cache = drafter.new_cache(num_slots, 32)
+    cache.append(range(num_slots), [features().to(drafter.model.fc.weight.dtype)] * num_slots)
+    return cache
+
+
+@pytest.mark.parametrize("k, steps", [(2, 1), (3, 1), (3, 2), (3, 3)])
+def test_left_to_right_full_q_is_exact(k, steps):
+    model = tiny_model(block_size=k + 1)
+    law = round_output_law(enumerate_drafts(model, k, steps), horizon=k + 1)
+    assert total_variation(law, continuation_law((), k + 1)) < 1e-9
+
+
+def test_reduced_draft_vocabulary_is_exact():
+    """q = 0 outside the draft vocabulary: the verifier's residual covers those tokens."""
+    model = tiny_model(block_size=3, draft_vocab=[0, 2, 3])
+    law = round_output_law(enumerate_drafts(model, 2, 2), horizon=3)
+    assert total_variation(law, continuation_law((), 3)) < 1e-9
+
+
+def test_argmax_drafts_with_one_hot_q_are_exact():
+    model = tiny_model(block_size=4)
+    drafter = draft_cache(model)
+    for steps in (1, 3):
+        out = drafter.draft(make_cache(drafter, 1), [0], torch.tensor([3]), torch.tensor([1.0]),
+                            policy="argmax", num_steps=steps)
+        tokens = tuple(out.token_ids[0].tolist())
+        assert torch.equal(out.draft_probs[0], torch.nn.functional.one_hot(out.token_ids[0], VOCAB).float())
+        law = round_output_law([(tokens, 1.0, list(out.draft_probs[0].double()))], horizon=4)
+        assert total_variation(law, continuation_law((), 4)) < 1e-9
+
+
+def test_lookup_revealed_slots_are_exact():
+    """Slots filled from the context (prompt lookup) are a point mass given the context."""
+    model = tiny_model(block_size=4)
+    known = {1: 2}
+    law = round_output_law(enumerate_drafts(model, 3, 2, known), horizon=4)
+    assert total_variation(law, continuation_law((), 4)) < 1e-9
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_draft_samples_follow_the_enumerated_law(steps):
+    """Ties the enumeration to draft(): 6k real drafts (float32) vs the enumerated law, and the
+    recorded rows equal the enumerated conditional rows."""
+    model = tiny_model(block_size=3)
+    paths = enumerate_drafts(model, 2, steps)
+    law = {tokens: w for tokens, w, _ in paths}
+    rows = {tokens: torch.stack(r) for tokens, _, r in paths}
+    model32 = model.float()
+    drafter = ConditionedDrafter(model32, 2, num_steps=steps)
+    num = 6000
+    cache = make_cache(drafter, num)
+    out = drafter.draft(cache, list(range(num)), torch.full((num,), 3), torch.ones(num),
+                        generator=torch.Generator().manual_seed(0))
+    counts = Counter(map(tuple, out.token_ids.tolist()))
+    keys = sorted(law)
+    observed = [counts.get(key, 0) for key in keys]
+    assert sum(observed) == num
+    assert chisquare(observed, [num * law[key] for key in keys]).pvalue > 1e-3
+    for i in range(0, num, 401):
+        tokens = tuple(out.token_ids[i].tolist())
+        assert torch.allclose(out.draft_probs[i].double(), rows[tokens], atol=1e-5)
+
+
+def test_temperature_zero_is_argmax_one_hot_under_both_policies():
+    model = tiny_model(block_size=4).float()
+    drafter = draft_cache(model)
+    cache = make_cache(drafter, 2)
+    outs = [drafter.draft(cache, [0, 1], torch.tensor([3, 3]), torch.zeros(2), policy=p,
+                          generator=torch.Generator().manual_seed(s))
+            for p, s in (("sampled", 1), ("argmax", 2))]
+    assert torch.equal(outs[0].token_ids, outs[1].token_ids)
+    assert torch.equal(outs[0].draft_probs.sum(-1), torch.ones(2, 3))
+    assert set(outs[0].draft_probs.unique().tolist()) == {0.0, 1.0}
+
+
+def test_context_cache_appends_equal_one_encoding_and_batches_equal_single_rows():
+    model = tiny_model(block_size=4).float()
+    drafter = draft_cache(model)
+    feats = features(length=9).float()
+    whole = drafter.new_cache(3, 16)
+    whole.append([1], [feats])
+    pieces = drafter.new_cache(3, 16)
+    pieces.append([0, 2], [feats[:4], feats[:2]])
+    pieces.append([2, 0], [feats[2:7], feats[4:9]])
+    pieces.append([2], [feats[7:]])
+    assert pieces.lengths == [9, 0, 9] and whole.lengths[1] == 9
+    assert torch.allclose(pieces.k[:, 0, :, :9], whole.k[:, 1, :, :9], atol=1e-5)
+    assert torch.allclose(pieces.v[:, 2, :, :9], whole.v[:, 1, :, :9], atol=1e-5)
+    short = drafter.new_cache(1, 16)
+    short.append([0], [feats[:3]])
+    # A batch of ragged contexts drafts exactly what each context drafts alone.
+    batch = drafter.draft(pieces, [0, 2], torch.tensor([1, 2]), torch.zeros(2))
+    alone0 = drafter.draft(whole, [1], torch.tensor([1]), torch.zeros(1))
+    assert torch.equal(batch.token_ids[0], alone0.token_ids[0])
+    mixed_cache = drafter.new_cache(2, 16)
+    mixed_cache.append([0, 1], [feats, feats[:3]])
+    mixed = drafter.draft(mixed_cache, [0, 1], torch.tensor([1, 1]), torch.zeros(2))
+    alone1 = drafter.draft(short, [0], torch.tensor([1]), torch.zeros(1))
+    assert torch.equal(mixed.token_ids[1], alone1.token_ids[0])
+    with pytest.raises(ValueError, match="exceed max_len"):
+        short.append([0], [torch.cat([feats, feats])])
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    model = tiny_model(block_size=4, draft_vocab=[0, 1, 3]).float()
+    save_conditioned(model, tmp_path / "d", dtype=torch.float32)
+    loaded = load_conditioned(tmp_path / "d", model.embed_weight, model.head_weight)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "d" / "model.safetensors"))
+    trained = {n for n, _ in model.named_parameters()} | {"draft_vocab"}
+    assert set(stored) == trained  # the target's embedding and head are not stored
+
+    class Cfg:
+        vocab_size, hidden_size, num_hidden_layers = VOCAB, 8, 30
+    with pytest.raises(ConditionedCheckpointError, match="number of layers 3.*30"):
+        check_target(model.config, Cfg())
+    with pytest.raises(ValueError, match="LM head has shape"):
+        model.attach_target(model.embed_weight, torch.zeros(VOCAB, 16))
+    (tmp_path / "d" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConditionedCheckpointError, match="corrupt"):
+        load_conditioned(tmp_path / "d", model.embed_weight, model.head_weight)
+    with pytest.raises(ConditionedCheckpointError, match="no config.json"):
+        load_conditioned(tmp_path / "missing", model.embed_weight, model.head_weight)
+    with pytest.raises(ValueError, match="num_steps 4 out of range"):
+        ConditionedDrafter(model, 3, num_steps=4)
+    with pytest.raises(ValueError, match="trained for blocks of up to 3"):
+        ConditionedDrafter(model, 5)

@@ -1,0 +1,1 @@
+"""Drafters: propose draft tokens and the exact law each was drawn from (shared/docs/lossless.md)."""

@@ -1,0 +1,1 @@
+"""Drafter networks: log-score / logit computations only (no sampling)."""
