@@ -1,6 +1,7 @@
 """DiffusionDrafter: exactness of the draft laws (enumeration), properties and input errors."""
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -10,8 +11,8 @@ import torch
 from scipy.stats import chisquare
 
 from vllm_specdiff import DiffusionDrafter, SEDD, SEDDConfig
-from vllm_specdiff.diffusion import time_grid, total_noise, unmask_probability
-from vllm_specdiff.drafter import tempered_probs
+from vllm_specdiff.diffusion import SAMPLING_EPS, time_grid, total_noise
+from vllm_specdiff.drafter import analytic_step_law, tempered_probs
 
 VOCAB = 4
 
@@ -37,8 +38,10 @@ def random_sedd(tokens: int = 30, length: int = 32, seed: int = 0) -> SEDD:
     return model.requires_grad_(False)
 
 
+@functools.lru_cache(maxsize=None)
 def target_law(prefix: tuple[int, ...]) -> torch.Tensor:
-    """A tiny 'target LM': a fixed random next-token law for every prefix (float64 [VOCAB])."""
+    """A tiny 'target LM': a fixed random next-token law for every prefix (float64 [VOCAB]).
+    Cached: the enumerations ask for the same prefixes many times (never mutate the result)."""
     gen = torch.Generator().manual_seed(hash(("target",) + prefix) % (2**31))
     return torch.softmax(1.5 * torch.randn(VOCAB, generator=gen, dtype=torch.float64), -1)
 
@@ -114,41 +117,105 @@ def enumerate_left_to_right(drafter: DiffusionDrafter, context):
     return paths
 
 
-def enumerate_random_order(drafter: DiffusionDrafter, context):
-    """Every path of the analytic sampler: (draft tokens, probability, rows recorded at unmasking)."""
+def enumerate_random_order(drafter: DiffusionDrafter, context, times=None, keep_rows: bool = True):
+    """Every path of the drafter's `random` order: (draft tokens, probability, rows recorded at
+    unmasking), walking the drafter's own forward times and step law (`random_order_times`,
+    `analytic_step_law`). `times` replaces the forward times (to enumerate the old behaviour);
+    keep_rows=False merges paths by their tokens (rows None): the draft law only, much faster."""
     indices, positions = initial_indices(drafter, context)
     num_draft = drafter.num_draft_tokens
-    grid = time_grid(drafter.num_steps)
-    paths = [((None,) * num_draft, 1.0, (None,) * num_draft)]
-    for step in range(drafter.num_steps):
-        next_paths = []
-        for tokens, weight, rows in paths:
-            current = indices.clone()
-            for j, token in enumerate(tokens):
-                if token is not None:
-                    current[0, positions[0, j]] = token
-            log_score = drafter._log_scores(current, None, positions, grid[step])
-            step_rows = normalized(tempered_probs(log_score[..., :-1], torch.ones(1))[0])
-            final = step == drafter.num_steps - 1
-            p_unmask = torch.ones(num_draft) if final else unmask_probability(
-                log_score, total_noise(grid[step]), total_noise(grid[step + 1]))[0]
-            options = []  # per position: list of (token or None, row or None, probability)
+    times = drafter.random_order_times() if times is None else times
+    laws = {}  # (step, tokens) -> (P(unmask) [num_draft], rows [num_draft, VOCAB]) of that forward
+    # (tokens, the forward each recorded row came from) -> probability
+    paths = {((None,) * num_draft, (None,) * num_draft): 1.0}
+    for step, (t, s) in enumerate(times):
+        next_paths = defaultdict(float)
+        for (tokens, origins), weight in paths.items():
+            if (step, tokens) not in laws:
+                current = indices.clone()
+                for j, token in enumerate(tokens):
+                    if token is not None:
+                        current[0, positions[0, j]] = token
+                log_score = drafter._log_scores(current, None, positions, t)
+                p_unmask, step_rows = analytic_step_law(log_score, t, s, torch.ones(1))
+                laws[(step, tokens)] = (p_unmask[0].double(), normalized(step_rows[0]))
+            p_unmask, step_rows = laws[(step, tokens)]
+            origin = (step, tokens) if keep_rows else None
+            options = []  # per position: list of (token or None, origin of its row, probability)
             for j in range(num_draft):
                 if tokens[j] is not None:
-                    options.append([(tokens[j], rows[j], 1.0)])
+                    options.append([(tokens[j], origins[j], 1.0)])
                     continue
-                choice = [(y, step_rows[j], float(p_unmask[j] * step_rows[j, y])) for y in range(VOCAB)]
-                if not final:
-                    choice.append((None, None, 1.0 - float(p_unmask[j])))
+                choice = [(y, origin, float(p_unmask[j] * step_rows[j, y])) for y in range(VOCAB)]
+                choice.append((None, None, 1.0 - float(p_unmask[j])))  # 0 at the final denoise
                 options.append(choice)
             for combo in itertools.product(*options):
                 w = weight
                 for _, _, p in combo:
                     w *= p
                 if w > 0:
-                    next_paths.append((tuple(c[0] for c in combo), w, tuple(c[1] for c in combo)))
+                    next_paths[(tuple(c[0] for c in combo), tuple(c[1] for c in combo))] += w
         paths = next_paths
-    return paths
+    assert all(None not in tokens for tokens, _ in paths)
+    return [(tokens, w, [laws[o][1][j] for j, o in enumerate(origins)] if keep_rows else None)
+            for (tokens, origins), w in paths.items()]
+
+
+def reference_sampler_law(model: SEDD, context, num_draft: int, num_steps: int) -> dict:
+    """Exact draft law of the reference SEDD sampler, enumerated from its own operations.
+
+    louaaron/Score-Entropy-Discrete-Diffusion, sampling.get_pc_sampler(predictor="analytic",
+    steps=num_steps, denoise=True, eps=1e-5, proj_fun=<write the context>): for i < num_steps,
+    AnalyticPredictor.update_fn at t = timesteps[i] with step_size (1 - eps) / num_steps, then
+    Denoiser.update_fn at timesteps[-1]; the absorbing graph's staggered_score and transp_transition;
+    score_fn(sampling=True) = exp(model output); sample_categorical = argmax(probs / Exp(1)), a draw
+    proportional to the positive entries of probs. Written independently of drafter.py (float64).
+    """
+    dim = model.config.vocab_size  # tokens + the absorbing state, the last index
+    eps = 1e-5
+    timesteps = torch.linspace(1, eps, num_steps + 1, dtype=torch.float64)
+    dt = (1 - eps) / num_steps
+
+    def total_noise_ref(t):  # LogLinearNoise(eps=1e-3).total_noise
+        return -torch.log1p(-(1 - 1e-3) * t)
+
+    def staggered_score(score, dsigma):  # Absorbing.staggered_score
+        extra_const = (1 - dsigma.exp()) * score.sum(dim=-1)
+        score = score * dsigma.exp()
+        score[..., -1] += extra_const
+        return score
+
+    def transp_transition(x, sigma):  # Absorbing.transp_transition
+        edge = (-sigma).exp() * torch.nn.functional.one_hot(x, num_classes=dim)
+        edge += torch.where(x == dim - 1, 1 - (-sigma).exp(), 0)[..., None]
+        return edge
+
+    def update(states, sigma, dsigma, truncate):
+        out = defaultdict(float)
+        for x, weight in states.items():
+            x_t = torch.tensor([x])
+            score = model(x_t, sigma.reshape(1)).exp()
+            probs = (staggered_score(score, dsigma) * transp_transition(x_t, dsigma))[0]
+            if truncate:  # the Denoiser drops the absorbing state
+                probs = probs[..., :-1]
+            law = probs.clamp(min=0)
+            law = law / law.sum(-1, keepdim=True)
+            choices = [[(y, float(law[j, y])) for y in range(law.shape[-1]) if law[j, y] > 0]
+                       for j in range(len(context), len(x))]
+            for combo in itertools.product(*choices):
+                w = weight
+                for _, p in combo:
+                    w *= p
+                out[tuple(context) + tuple(y for y, _ in combo)] += w
+        return out
+
+    states = {tuple(context) + (dim - 1,) * num_draft: 1.0}
+    for i in range(num_steps):
+        curr_sigma, next_sigma = total_noise_ref(timesteps[i]), total_noise_ref(timesteps[i] - dt)
+        states = update(states, curr_sigma, curr_sigma - next_sigma, truncate=False)
+    sigma = total_noise_ref(timesteps[-1])
+    states = update(states, sigma, sigma, truncate=True)
+    return {x[len(context):]: w for x, w in states.items()}
 
 
 def draft_marginal(paths) -> dict[tuple[int, ...], float]:
@@ -161,8 +228,18 @@ def draft_marginal(paths) -> dict[tuple[int, ...], float]:
 CONTEXT = [1, 3, 0, 2, 2]
 
 
+@pytest.fixture
+def one_thread():
+    """The enumerations run thousands of tiny forwards: intra-op threads only add overhead (10x on
+    a busy 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("num_draft, num_steps", [(2, 1), (2, 2), (3, 2), (3, 3)])
-def test_left_to_right_full_q_verification_is_exact(num_draft, num_steps):
+def test_left_to_right_full_q_verification_is_exact(num_draft, num_steps, one_thread):
     drafter = DiffusionDrafter(markov_sedd(), num_draft, num_steps)
     paths = enumerate_left_to_right(drafter, CONTEXT)
     assert abs(sum(w for _, w, _ in paths) - 1) < 1e-12
@@ -173,7 +250,7 @@ def test_left_to_right_full_q_verification_is_exact(num_draft, num_steps):
 
 
 @pytest.mark.parametrize("num_draft, num_steps", [(2, 2), (3, 2)])
-def test_random_order_full_q_verification_is_not_exact(num_draft, num_steps):
+def test_random_order_full_q_verification_is_not_exact(num_draft, num_steps, one_thread):
     drafter = DiffusionDrafter(markov_sedd(), num_draft, num_steps, order="random")
     paths = enumerate_random_order(drafter, CONTEXT)
     assert abs(sum(w for _, w, _ in paths) - 1) < 1e-12
@@ -188,9 +265,33 @@ def test_random_order_full_q_verification_is_not_exact(num_draft, num_steps):
                            continuation_law(tuple(CONTEXT), horizon)) < 1e-9
 
 
+def old_random_order_times(drafter: DiffusionDrafter):
+    """The `random` order before issue 15: num_steps forwards, the last one (at t = grid[T - 1])
+    filling every remaining mask, with no denoise forward at t = 1e-5."""
+    grid = time_grid(drafter.num_steps)
+    return [(grid[i], grid[i + 1]) for i in range(drafter.num_steps - 1)] + [(grid[-2], None)]
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3])
+def test_random_order_is_the_reference_sampler(num_steps, one_thread):
+    """Exact draft laws on the fixture (3 draft tokens): the `random` order vs the reference
+    analytic sampler + denoiser. Measured TV (context CONTEXT): 1.1e-7, 5.9e-8, 3.9e-8 for
+    T = 1, 2, 3 (float32 draft rows); the old behaviour: 0.031, 0.010, 0.0046."""
+    model = markov_sedd()
+    drafter = DiffusionDrafter(model, 3, num_steps, order="random")
+    reference = reference_sampler_law(model, CONTEXT, 3, num_steps)
+    assert abs(sum(reference.values()) - 1) < 1e-12
+    ours = draft_marginal(enumerate_random_order(drafter, CONTEXT, keep_rows=False))
+    assert total_variation(ours, reference) < 1e-6
+    # The same comparison rejects the old behaviour (so the test can fail).
+    old = draft_marginal(enumerate_random_order(drafter, CONTEXT, old_random_order_times(drafter),
+                                                keep_rows=False))
+    assert total_variation(old, reference) > 3e-3
+
+
 @pytest.mark.parametrize("order, enumerate_paths", [("left_to_right", enumerate_left_to_right),
                                                     ("random", enumerate_random_order)])
-def test_drafter_samples_follow_the_enumerated_law(order, enumerate_paths):
+def test_drafter_samples_follow_the_enumerated_law(order, enumerate_paths, one_thread):
     """Ties the enumeration to draft(): empirical draft law of 20k drafts vs the enumerated law."""
     drafter = DiffusionDrafter(markov_sedd(), 2, 2, order=order)
     law = draft_marginal(enumerate_paths(drafter, CONTEXT))
@@ -249,12 +350,13 @@ class ForwardRecorder:
     """Wraps a SEDD model and records every forward's inputs."""
 
     def __init__(self, model: SEDD) -> None:
-        self.model, self.calls = model, []
+        self.model, self.calls, self.sigma_bars = model, [], []
         self.config = model.config
         self.vocab_embed = model.vocab_embed
 
     def __call__(self, indices, sigma_bar, attention_mask=None, output_positions=None):
         self.calls.append((indices.clone(), output_positions.clone()))
+        self.sigma_bars.append(sigma_bar.clone())
         return self.model(indices, sigma_bar, attention_mask=attention_mask, output_positions=output_positions)
 
 
@@ -266,7 +368,14 @@ def test_prefix_and_unmasked_positions_never_change(order):
     drafter.model = recorder
     contexts = [list(range(1, 12)), [3, 4]]  # the first is longer than window - num_draft = 4
     out = drafter.draft(contexts, generator=torch.Generator().manual_seed(0))
-    assert len(recorder.calls) == 3  # one batched forward per denoising step
+    # One batched forward per denoising step; `random` adds the reference's final denoise forward.
+    grid = time_grid(3)
+    times = grid[:3] if order == "left_to_right" else grid  # the denoise runs at grid[-1] = 1e-5
+    assert len(recorder.calls) == len(times)
+    for sigma_bar, t in zip(recorder.sigma_bars, times):
+        assert torch.allclose(sigma_bar.double(), total_noise(t).expand(2), rtol=1e-6)
+    if order == "random":
+        assert float(times[-1]) == SAMPLING_EPS
     mask_id = model.config.mask_token_id
     for row, context in enumerate(contexts):
         prefix = context[-4:]
@@ -320,3 +429,41 @@ def test_bad_inputs_give_clear_errors():
         drafter.draft([[1], [2]], generator=[torch.Generator()])
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         drafter.draft([[1]], temperature=-1.0)
+
+
+def test_autocast_drafter_runs_fp32_weights_under_bf16_autocast():
+    """autocast_dtype: the reference's GPU recipe (here on CPU); rows stay float32 distributions."""
+    model = random_sedd()
+    plain = DiffusionDrafter(model, 4, 2)
+    mixed = DiffusionDrafter(model, 4, 2, autocast_dtype=torch.bfloat16)
+    contexts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = mixed.draft(contexts, generator=torch.Generator().manual_seed(0))
+    assert out.draft_probs.dtype == torch.float32
+    assert torch.allclose(out.draft_probs.sum(-1), torch.ones(2, 4), atol=1e-5)
+    assert model.vocab_embed.embedding.dtype == torch.float32  # the weights are not cast
+    indices, positions = initial_indices(plain, contexts[0])
+    t = time_grid(2)[0]
+    with torch.no_grad():
+        expected = model(indices, total_noise(t).float().expand(1), output_positions=positions)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(indices, total_noise(t).float().expand(1), output_positions=positions)
+        assert torch.equal(mixed._log_scores(indices, None, positions, t), autocast)
+        assert not torch.equal(plain._log_scores(indices, None, positions, t).bfloat16(), autocast)
+        assert torch.equal(plain._log_scores(indices, None, positions, t), expected)
+    with pytest.raises(ValueError, match="autocast_dtype needs float32 weights"):
+        DiffusionDrafter(random_sedd().to(torch.bfloat16), 4, 2, autocast_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="autocast_dtype torch.float64 unsupported"):
+        DiffusionDrafter(model, 4, 2, autocast_dtype=torch.float64)
+
+
+def test_drafting_refuses_a_model_with_active_dropout():
+    torch.manual_seed(0)
+    model = SEDD(SEDDConfig(tokens=30, hidden_size=64, cond_dim=32, length=32, n_blocks=2, n_heads=2,
+                            dropout=0.1))
+    drafter = DiffusionDrafter(model.train(), 4, 2)
+    with pytest.raises(ValueError, match="train mode with dropout 0.1.*call model.eval"):
+        drafter.draft([[1, 2, 3]])
+    model.eval()  # eval mode: deterministic given the generator
+    first = drafter.draft([[1, 2, 3]], generator=torch.Generator().manual_seed(5))
+    again = drafter.draft([[1, 2, 3]], generator=torch.Generator().manual_seed(5))
+    assert torch.equal(first.token_ids, again.token_ids) and torch.equal(first.draft_probs, again.draft_probs)

@@ -225,3 +225,122 @@ def test_padding_mask_makes_ragged_rows_match_alone():
 def test_config_rejects_bad_heads():
     with pytest.raises(ValueError, match="n_heads"):
         SEDDConfig(tokens=10, hidden_size=60, n_heads=8)
+
+
+# ---- published-checkpoint fidelity: rotary buffer, precision recipe, dropout config (issue 15)
+
+def _rewrite_weights(folder, **replace) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    for key, value in replace.items():
+        if value is None:
+            del state[key.replace("__", ".")]
+        else:
+            state[key.replace("__", ".")] = value
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def test_checkpoint_inv_freq_is_used_and_a_non_standard_one_is_reported(tmp_path):
+    raw = small_variant_config()
+    write_checkpoint(tmp_path, raw)
+    standard = SEDD.from_pretrained(tmp_path)
+    head_dim = standard.config.head_dim
+    formula = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    assert torch.equal(standard.rotary_emb.inv_freq, formula)
+    other = 1.0 / (500000 ** (torch.arange(0, head_dim, 2).float() / head_dim))  # a Llama-3-like base
+    _rewrite_weights(tmp_path, rotary_emb__inv_freq=other)
+    with pytest.warns(UserWarning, match=r"rotary_emb.inv_freq is not the standard rotary formula "
+                                         r"1/10000\^\(2i/32\).*checkpoint .* vs formula .*Using the "
+                                         r"checkpoint's values"):
+        loaded = SEDD.from_pretrained(tmp_path)
+    assert torch.equal(loaded.rotary_emb.inv_freq, other)
+    # The forward rotates with the buffer (no recomputation from the formula).
+    indices = torch.randint(0, 51, (2, 40))
+    sigma_bar = torch.tensor([0.5, 1.5])
+    out = loaded(indices, sigma_bar)
+    assert not torch.allclose(out, standard(indices, sigma_bar), atol=1e-3)
+    standard.rotary_emb.inv_freq = other.clone()  # the same weights, the same buffer
+    assert torch.equal(out, standard(indices, sigma_bar))
+
+
+def test_inv_freq_stays_float32_missing_and_lower_precision_standard_buffers(tmp_path, recwarn):
+    write_checkpoint(tmp_path, small_variant_config())
+    reference = SEDD.from_pretrained(tmp_path)
+    standard = reference.rotary_emb.inv_freq.clone()
+    # Our fp16 exports store the standard frequencies rounded to fp16: the fp32 ones come back.
+    _rewrite_weights(tmp_path, rotary_emb__inv_freq=standard.half())
+    assert torch.equal(SEDD.from_pretrained(tmp_path).rotary_emb.inv_freq, standard)
+    # Absent: the standard frequencies (it is the only key that may be missing).
+    _rewrite_weights(tmp_path, rotary_emb__inv_freq=None)
+    loaded = SEDD.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert not [w for w in recwarn if "inv_freq" in str(w.message)]
+    # Casting the model keeps the frequencies in float32, unrounded, on the model's device.
+    assert loaded.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.rotary_emb.inv_freq, standard)
+    assert torch.equal(loaded.double().half().rotary_emb.inv_freq, standard)
+    assert torch.equal(SEDD(reference.config).to(torch.bfloat16).rotary_emb.inv_freq, standard)
+    _rewrite_weights(tmp_path, rotary_emb__inv_freq=torch.full_like(standard, float("nan")))
+    with pytest.raises(CheckpointError, match="inv_freq holds non-finite"):
+        SEDD.from_pretrained(tmp_path)
+
+
+def test_bf16_autocast_follows_the_reference_recipe():
+    """fp32 weights under bf16 autocast: the condition (sigma embedding + timestep MLP), LayerNorm
+    and the residual stream stay fp32, the block and output-layer matmuls run in bf16."""
+    torch.manual_seed(0)
+    model = SEDD(SEDDConfig(tokens=20, hidden_size=64, cond_dim=32, length=32, n_blocks=2, n_heads=2)).eval()
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    seen: dict[str, torch.Tensor] = {}
+    watched = {"sigma_map": model.sigma_map, "norm1": model.blocks[0].norm1,
+               "attn_qkv": model.blocks[0].attn_qkv, "mlp": model.blocks[1].mlp,
+               "adaLN": model.blocks[0].adaLN_modulation, "block": model.blocks[1],
+               "norm_final": model.output_layer.norm_final, "linear": model.output_layer.linear}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+    indices = torch.randint(0, 21, (2, 12))
+    sigma_bar = torch.tensor([0.7, 2.0])
+    full = model(indices, sigma_bar)
+    condition = seen["sigma_map"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(indices, sigma_bar)
+    assert torch.equal(seen["sigma_map"], condition)  # bit-identical: computed outside autocast
+    assert {name: seen[name].dtype for name in watched} == {
+        "sigma_map": torch.float32, "norm1": torch.float32, "attn_qkv": torch.bfloat16,
+        "mlp": torch.bfloat16, "adaLN": torch.bfloat16, "block": torch.float32,
+        "norm_final": torch.float32, "linear": torch.bfloat16}
+    assert mixed.dtype == torch.bfloat16  # the reference's log-scores are bf16 too
+    assert not torch.equal(mixed.float(), full)
+    assert torch.allclose(torch.softmax(mixed.float(), -1), torch.softmax(full, -1), atol=0.05)
+
+
+def test_dropout_is_read_from_the_config_and_validated():
+    assert config_from_dict(PUBLISHED_SMALL_CONFIG).dropout == 0.1
+    raw = small_variant_config()
+    del raw["model"]["dropout"]
+    assert config_from_dict(raw).dropout == 0.0
+    from vllm_specdiff.checkpoint import config_to_dict
+
+    config = config_from_dict(small_variant_config(dropout=0.25))
+    assert config_from_dict(config_to_dict(config)).dropout == 0.25
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0 \(config model.dropout\)"):
+        SEDDConfig(tokens=10, hidden_size=64, n_heads=2, dropout=1.0)
+
+
+def test_dropout_acts_in_train_mode_only():
+    torch.manual_seed(0)
+    config = SEDDConfig(tokens=20, hidden_size=64, cond_dim=32, length=32, n_blocks=2, n_heads=2, dropout=0.1)
+    model = SEDD(config)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    no_dropout = SEDD(SEDDConfig(**{**config.__dict__, "dropout": 0.0})).eval()
+    no_dropout.load_state_dict(model.state_dict())
+    indices = torch.randint(0, 21, (2, 12))
+    sigma_bar = torch.tensor([0.7, 2.0])
+    model.train()
+    first, second = model(indices, sigma_bar), model(indices, sigma_bar)
+    assert not torch.allclose(first, second)
+    model.eval()
+    assert torch.equal(model(indices, sigma_bar), model(indices, sigma_bar))
+    assert torch.equal(model(indices, sigma_bar), no_dropout(indices, sigma_bar))

@@ -1,6 +1,7 @@
 """SEDD training: the score-entropy loss, its fast path, a tiny training run, checkpoint round trip."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -207,3 +208,33 @@ def test_target_init_starts_from_the_unigram_and_target_embeddings(tmp_path):
     projection = training.target_embedding_projection(tmp_path, TINY.hidden_size, 0.02)
     assert projection.shape == (TINY.tokens, TINY.hidden_size)
     assert abs(projection.std().item() - 0.02) < 1e-4
+
+
+def test_dropout_from_the_config_acts_in_training_only(tmp_path):
+    """config model.dropout (the published models: 0.1) perturbs the training forward only; the
+    evaluation and the exported drafter run in eval mode; the export keeps the config's value."""
+    config = dataclasses.replace(TINY, dropout=0.3)
+    torch.manual_seed(0)
+    model = SEDD(config)  # default init: non-zero residual branches
+    x0 = _stream()[: 4 * 32].view(4, 32)
+
+    def loss() -> float:
+        return training.sedd_batch_loss(model, x0, torch.Generator().manual_seed(0)).item()
+
+    model.train()
+    assert loss() != loss()
+    model.eval()
+    assert loss() == loss()
+    modes = []  # (training, dropout) of every forward of the first block during train_sedd
+    model.blocks[0].register_forward_hook(lambda m, _i, _o: modes.append((m.training, m.dropout)))
+    stream = _stream()
+    cfg = training.TrainConfig(steps=2, batch_size=4, seq_len=32, warmup=1, eval_every=10**9,
+                               checkpoint_every=10**9, eval_windows=4)
+    _, exported = training.train_sedd(model, _TinyTokenizer(TINY.tokens), cfg, tmp_path / "out",
+                                      tmp_path / "work", stream, data.fixed_windows(stream, 32, 4),
+                                      export_dtype=torch.float32)
+    assert modes[:2] == [(True, 0.3)] * 2  # the two training steps
+    assert set(modes[2:]) == {(False, 0.3)}  # the evaluation
+    assert not exported.training
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model"]["dropout"] == 0.3
+    assert SEDD.from_pretrained(tmp_path / "out").config.dropout == 0.3

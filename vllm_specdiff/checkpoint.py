@@ -6,12 +6,13 @@ config) and `model.safetensors` or `pytorch_model.bin` (a plain state dict, no `
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .model import SEDD, SEDDConfig
+from .model import ROTARY_BASE, SEDD, SEDDConfig, standard_inv_freq
 
 # Short names users type on the command line -> the published hub ids.
 SHORT_NAMES = {
@@ -19,6 +20,8 @@ SHORT_NAMES = {
     "sedd-medium": "louaaron/sedd-medium",
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A buffer the loader can rebuild from the config when a checkpoint lacks it.
+INV_FREQ_KEY = "rotary_emb.inv_freq"
 
 
 class CheckpointError(ValueError):
@@ -39,7 +42,8 @@ def config_from_dict(raw: dict[str, Any]) -> SEDDConfig:
         return SEDDConfig(tokens=int(raw["tokens"]), hidden_size=int(model["hidden_size"]),
                           cond_dim=int(model["cond_dim"]), length=int(model["length"]),
                           n_blocks=int(model["n_blocks"]), n_heads=int(model["n_heads"]),
-                          scale_by_sigma=bool(model.get("scale_by_sigma", True)))
+                          scale_by_sigma=bool(model.get("scale_by_sigma", True)),
+                          dropout=float(model.get("dropout", 0.0)))
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"config.json lacks the SEDD field {err}: expected the nested "
                               "format with 'tokens' and model.{hidden_size, cond_dim, length, "
@@ -55,7 +59,7 @@ def config_to_dict(config: SEDDConfig) -> dict[str, Any]:
         "model": {"name": "custom", "type": "ddit", "hidden_size": config.hidden_size,
                   "cond_dim": config.cond_dim, "length": config.length,
                   "n_blocks": config.n_blocks, "n_heads": config.n_heads,
-                  "scale_by_sigma": config.scale_by_sigma, "dropout": 0.0},
+                  "scale_by_sigma": config.scale_by_sigma, "dropout": config.dropout},
     }
 
 
@@ -111,10 +115,13 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: SEDD, state_dict: dict[str, torch.Tensor]) -> None:
-    """Strict comparison of keys and shapes, with every difference named in one error."""
+    """Strict comparison of keys and shapes, with every difference named in one error.
+
+    Only `rotary_emb.inv_freq` may be absent (a derived buffer): the standard frequencies are used.
+    """
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state_dict.items()}
-    missing = sorted(set(expected) - set(found))
+    missing = sorted(set(expected) - set(found) - {INV_FREQ_KEY})
     unexpected = sorted(set(found) - set(expected))
     shapes = [f"{name}: checkpoint {found[name]} vs model {expected[name]}"
               for name in sorted(set(expected) & set(found)) if expected[name] != found[name]]
@@ -129,6 +136,43 @@ def check_state_dict(model: SEDD, state_dict: dict[str, torch.Tensor]) -> None:
         raise CheckpointError("\n".join(lines))
 
 
+def checkpoint_inv_freq(stored: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """The rotary frequencies to run with (float32), from the checkpoint's `rotary_emb.inv_freq`.
+
+    The reference's load_state_dict overwrites its buffer, so the checkpoint's values are what the
+    published models ran with: they are used as stored. Two cases differ:
+    - absent: the standard frequencies 1 / 10000^(2i / head_dim);
+    - stored in a lower precision (our fp16 / bf16 exports) and equal to the standard frequencies
+      rounded to that dtype: the float32 standard frequencies the model was trained with.
+    A buffer that is not the standard formula is still used (it is what the checkpoint's model
+    computes) but reported with a warning naming both; a non-finite or non-positive one is an error.
+    """
+    standard = standard_inv_freq(head_dim)
+    if stored is None:
+        return standard
+    stored = stored.detach().to("cpu")
+    if not bool(torch.isfinite(stored).all()) or bool((stored <= 0).any()):
+        raise CheckpointError(f"checkpoint {INV_FREQ_KEY} holds non-finite or non-positive values "
+                              f"{stored.tolist()}: the checkpoint is corrupt")
+    if stored.dtype != torch.float32 and torch.equal(stored, standard.to(stored.dtype)):
+        return standard
+    values = stored.float()
+    # One float32 ulp of slack: the same formula evaluated on another device may round differently.
+    relative = ((values - standard).abs() / standard)
+    if float(relative.max()) > 2 * torch.finfo(torch.float32).eps:
+        worst = int(relative.argmax())
+        first = ", ".join(f"{v:.6g}" for v in values[:4].tolist())
+        formula = ", ".join(f"{v:.6g}" for v in standard[:4].tolist())
+        warnings.warn(
+            f"checkpoint {INV_FREQ_KEY} is not the standard rotary formula "
+            f"1/{ROTARY_BASE}^(2i/{head_dim}): largest relative difference {float(relative.max()):.3g} "
+            f"at i = {worst} (checkpoint {float(values[worst]):.9g} vs formula "
+            f"{float(standard[worst]):.9g}; first values: checkpoint [{first}, ...] vs formula "
+            f"[{formula}, ...]). Using the checkpoint's values, as the reference code does",
+            stacklevel=3)
+    return values
+
+
 def load_sedd(name: str | Path, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> SEDD:
     folder = resolve_checkpoint(name)
@@ -138,6 +182,8 @@ def load_sedd(name: str | Path, device: torch.device | str = "cpu",
         model = SEDD(config)
     state_dict = read_state_dict(folder)
     check_state_dict(model, state_dict)
+    inv_freq = checkpoint_inv_freq(state_dict.get(INV_FREQ_KEY), config.head_dim)
+    state_dict[INV_FREQ_KEY] = inv_freq
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.raw_config = raw_config
     return model.to(device=device, dtype=dtype).eval()

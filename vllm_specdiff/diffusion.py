@@ -61,8 +61,10 @@ def unmask_probability(log_score: torch.Tensor, sigma_bar_t: torch.Tensor,
     P(y) = (e^delta - 1) s_y for y != mask, so P(unmask) = (e^delta - 1) sum_y s_y (clamped to [0, 1]).
     log_score: [..., vocab_with_mask] (scale_by_sigma applied); sigma_bar_*: broadcastable to [...].
     """
-    delta = (sigma_bar_t - sigma_bar_s).to(torch.float32)
-    token_mass = torch.logsumexp(log_score[..., :-1].float(), dim=-1)  # [...]
+    # At least float32 (bf16 scores), float64 kept (exact enumeration in the tests).
+    dtype = torch.promote_types(log_score.dtype, torch.float32)
+    delta = (sigma_bar_t - sigma_bar_s).to(dtype)
+    token_mass = torch.logsumexp(log_score[..., :-1].to(dtype), dim=-1)  # [...]
     return torch.clamp(torch.expm1(delta) * torch.exp(token_mass), 0.0, 1.0)
 
 

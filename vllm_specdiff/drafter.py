@@ -7,13 +7,22 @@ Its unmasking order is part of the correctness contract (shared/docs/lossless.md
   each from q_j = softmax(logits_j / temperature). Positions in a block are conditionally independent
   given the earlier blocks and the context, so q_j is exactly the law of x_j given (context, x_<j):
   speculative sampling with these draft_probs is lossless.
-- ``random``: the reference SEDD analytic (Tweedie tau-leaping) sampler; a position unmasks between t
-  and s with probability (e^delta - 1) sum_y s_y and its token is drawn from the same softmax. The
-  recorded q is NOT the conditional law of x_j given x_<j (later-unmasked left tokens saw x_j), so
-  full-q verification is only approximate. Verify its drafts one-hot for exactness.
+- ``random``: the reference SEDD sampler (the reference code's `sampling.get_pc_sampler` with the
+  analytic predictor and noise removal, Lou et al. 2024): num_steps analytic (Tweedie tau-leaping) steps t -> s on
+  linspace(1, 1e-5, num_steps + 1), where a masked position unmasks with probability
+  (e^delta - 1) sum_y s_y and its token is drawn from the same softmax, then the reference's
+  Denoiser forward at t = 1e-5, which fills every position still masked: num_steps + 1 forwards.
+  Each token's recorded q is the softmax of the forward that unmasked it. That q is NOT the
+  conditional law of x_j given x_<j (later-unmasked left tokens saw x_j), so full-q verification is
+  only approximate. Verify its drafts one-hot for exactness.
+
+Precision: the model computes in its weights' dtype; with `autocast_dtype` (float32 weights) every
+forward runs under torch.autocast, the reference's recipe on GPU (blocks and output layer in bf16,
+the sigma embedding, the timestep MLP, LayerNorm and the rotary angles in fp32).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -23,6 +32,7 @@ from .diffusion import sample_exponential_race, time_grid, total_noise, unmask_p
 from .model import SEDD
 
 ORDERS = ("left_to_right", "random")
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -99,11 +109,29 @@ def tempered_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
     return torch.where(greedy, one_hot, probs)
 
 
+def analytic_step_law(log_score: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None,
+                      temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the reference sampler at masked positions: (P(unmask) [batch, positions],
+    q [batch, positions, vocab] float32, the law of the token given that it unmasks).
+
+    s = None is the reference's final Denoiser (every masked position unmasks). Otherwise the
+    analytic step t -> s: P(y) = (e^delta - 1) s_y, delta = sigma_bar(t) - sigma_bar(s) (sedd.md).
+    log_score: [batch, positions, vocab + 1] at time t; t, s: scalars; temperature: [batch].
+    """
+    # The sigma offsets of scale_by_sigma cancel in the softmax; drop the mask column.
+    probs = tempered_probs(log_score[..., :-1], temperature)
+    if s is None:
+        return torch.ones_like(probs[..., 0]), probs
+    return unmask_probability(log_score, total_noise(t), total_noise(s)), probs
+
+
 class DiffusionDrafter:
-    """Drafts num_draft_tokens tokens with num_steps SEDD forwards, one forward per step for the batch."""
+    """Drafts num_draft_tokens tokens with SEDD forwards over the batch: num_steps of them for
+    ``left_to_right``, num_steps + 1 for ``random`` (the reference sampler's final denoise)."""
 
     def __init__(self, model: SEDD, num_draft_tokens: int, num_steps: int,
-                 order: str = "left_to_right", window: int | None = None) -> None:
+                 order: str = "left_to_right", window: int | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         config = model.config
         window = config.length if window is None else window
         if not 1 < window <= config.length:
@@ -118,7 +146,17 @@ class DiffusionDrafter:
             raise ValueError(f"num_steps {num_steps} out of range: it must be in [1, "
                              f"num_draft_tokens = {num_draft_tokens}] (more steps than draft "
                              "tokens would run forwards that unmask nothing)")
+        if autocast_dtype is not None:
+            if autocast_dtype not in AUTOCAST_DTYPES:
+                raise ValueError(f"autocast_dtype {autocast_dtype} unsupported: choose one of "
+                                 f"{AUTOCAST_DTYPES} or None")
+            weights_dtype = model.vocab_embed.embedding.dtype
+            if weights_dtype != torch.float32:
+                raise ValueError(f"autocast_dtype needs float32 weights (the reference's recipe), "
+                                 f"but the model is {weights_dtype}: load it with dtype=torch.float32 "
+                                 "or drop autocast_dtype")
         self.model = model
+        self.autocast_dtype = autocast_dtype
         self.num_draft_tokens = num_draft_tokens
         self.num_steps = num_steps
         self.order = order
@@ -139,6 +177,9 @@ class DiffusionDrafter:
         """Draft for a ragged batch. `generator`: one torch.Generator for the batch, or one per context
         (then row r's draft equals drafting context r alone with generator r)."""
         validate_contexts(contexts, self.vocab_size)
+        if getattr(self.model, "training", False) and self.model.config.dropout > 0:
+            raise ValueError(f"the SEDD model is in train mode with dropout {self.model.config.dropout}: "
+                             "drafts would be perturbed by dropout; call model.eval() before drafting")
         batch, device = len(contexts), self.device
         num_draft = self.num_draft_tokens
         temperature = temperatures_tensor(temperature, batch, device)
@@ -165,8 +206,18 @@ class DiffusionDrafter:
     def _log_scores(self, indices: torch.Tensor, attention_mask: torch.Tensor | None,
                     output_positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma_bar = total_noise(t).to(torch.float32).expand(indices.shape[0])
-        return self.model(indices, sigma_bar, attention_mask=attention_mask,
-                          output_positions=output_positions)
+        precision = contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(
+            indices.device.type, dtype=self.autocast_dtype)
+        with precision:
+            return self.model(indices, sigma_bar, attention_mask=attention_mask,
+                              output_positions=output_positions)
+
+    def random_order_times(self, device: torch.device | str | None = None
+                           ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(t, s) of each forward of the ``random`` order: the reference's analytic steps t -> s on
+        time_grid(num_steps), then its Denoiser at t = SAMPLING_EPS (s = None)."""
+        grid = time_grid(self.num_steps, device)
+        return [(grid[i], grid[i + 1]) for i in range(self.num_steps)] + [(grid[-1], None)]
 
     def _left_to_right(self, indices, attention_mask, draft_positions, temperature, generator,
                        draft_probs) -> None:
@@ -192,19 +243,16 @@ class DiffusionDrafter:
 
     def _random_order(self, indices, attention_mask, draft_positions, temperature, generator,
                       draft_probs) -> None:
-        grid = time_grid(self.num_steps, indices.device)
         batch, num_draft = draft_positions.shape
         still_masked = torch.ones((batch, num_draft), dtype=torch.bool, device=indices.device)
-        for step in range(self.num_steps):
-            t, s = grid[step], grid[step + 1]
+        for t, s in self.random_order_times(indices.device):
             log_score = self._log_scores(indices, attention_mask, draft_positions, t)
-            if step == self.num_steps - 1:
-                unmask = still_masked  # the final "denoise" step fills every remaining mask
+            p_unmask, probs = analytic_step_law(log_score, t, s, temperature)
+            if s is None:  # the final denoise fills every remaining mask
+                unmask = still_masked
             else:
-                p_unmask = unmask_probability(log_score, total_noise(t), total_noise(s))
                 uniform = draw_noise(generator, batch, (num_draft,), indices.device, "uniform")
                 unmask = still_masked & (uniform < p_unmask)
-            probs = tempered_probs(log_score[..., :-1], temperature)  # [batch, num_draft, vocab]
             exponential = draw_noise(generator, batch, tuple(probs.shape[1:]), indices.device,
                                      "exponential")
             tokens = sample_exponential_race(probs, exponential)

@@ -5,6 +5,7 @@ Parameter names equal the published `louaaron/sedd-*` state dicts. Reference: Lo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,17 @@ class SEDDConfig:
     n_blocks: int = 12
     n_heads: int = 12
     scale_by_sigma: bool = True
+    # Residual-branch dropout (config model.dropout; the published checkpoints trained with 0.1).
+    # Active in train mode only: drafting runs in eval mode and is deterministic given its noise.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("tokens", "hidden_size", "cond_dim", "length", "n_blocks", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SEDDConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SEDDConfig.dropout must be in [0, 1), got {self.dropout} "
+                             "(config model.dropout)")
         if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
             raise ValueError(
                 f"SEDDConfig: hidden_size {self.hidden_size} must split into n_heads {self.n_heads} "
@@ -55,7 +62,11 @@ class SEDDConfig:
 
 
 class LayerNorm(nn.Module):
-    """Weight-only LayerNorm computed in fp32 (as the reference does under autocast)."""
+    """Weight-only LayerNorm computed in fp32 (as the reference does under autocast).
+
+    The result keeps the input's dtype: under autocast the residual stream is fp32 (fp32 weights),
+    so the output is fp32 like the reference's; in an all-bf16 model it is bf16.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -67,7 +78,11 @@ class LayerNorm(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of the total noise sigma_bar (cos first, then sin) and a 2-layer MLP."""
+    """Sinusoidal embedding of the total noise sigma_bar (cos first, then sin) and a 2-layer MLP.
+
+    Runs outside any autocast region, in the weights' dtype: the reference computes the condition
+    before entering its bf16 autocast block, so with fp32 weights the condition is fp32.
+    """
 
     def __init__(self, cond_dim: int) -> None:
         super().__init__()
@@ -80,27 +95,68 @@ class TimestepEmbedder(nn.Module):
                                                             dtype=torch.float32) / half)
         args = sigma_bar.float()[:, None] * freqs[None]  # [batch, half]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
+        with _autocast_off(sigma_bar.device.type):
+            return self.mlp(embedding.to(self.mlp[0].weight.dtype))
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Leave any autocast region of this device (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+ROTARY_BASE = 10000
+
+
+def standard_inv_freq(head_dim: int) -> torch.Tensor:
+    """The reference's rotary frequencies 1 / 10000^(2i / head_dim), i < head_dim / 2, float32 on CPU
+    (the same expression as the reference's Rotary, so the published buffers match bit for bit)."""
+    return 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
 class Rotary(nn.Module):
-    """Non-interleaved rotary embedding ("rotate_half") applied to queries and keys only."""
+    """Non-interleaved rotary embedding ("rotate_half") applied to queries and keys only.
+
+    The angles come from the `inv_freq` buffer, which the loader fills from the checkpoint (as the
+    reference's load_state_dict does; `checkpoint.checkpoint_inv_freq` reports a non-standard one).
+    The buffer stays float32 whatever the model's dtype: the reference computes the angles in fp32
+    even under bf16 autocast, and bf16-rounded frequencies would shift the angles of far positions
+    by up to ~length * 2^-9 radians.
+    """
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=True)
+        self.register_buffer("inv_freq", standard_inv_freq(head_dim), persistent=True)
 
-    def cos_sin(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Recompute the frequencies in fp32 instead of reading the buffer: a bf16 model would
-        # otherwise rotate with bf16-rounded frequencies. The buffer holds the same formula.
-        head_dim = 2 * self.inv_freq.shape[0]
-        device = self.inv_freq.device
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-        positions = torch.arange(length, device=device, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [length, head_dim / 2]
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) / .half() cast floating buffers: let them move the buffer between
+        # devices but not round it.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        moved = self.inv_freq
+        if moved.dtype != inv_freq.dtype and not inv_freq.is_meta:
+            moved = inv_freq.to(device=moved.device)
+        self.inv_freq = moved.float()
+        return self
+
+    def cos_sin(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotation angles, float32 [length, head_dim]."""
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.float())  # [length, head_dim / 2]
         angles = torch.cat([freqs, freqs], dim=-1)  # [length, head_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return angles.cos(), angles.sin()
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, cos / sin rounded to x's dtype, the arithmetic in (at least)
+    fp32 and the result rounded once to x's dtype: what the reference's flash-attn rotary kernel
+    computes on its bf16 q, k under autocast. x: [batch, heads, length, head_dim]; cos, sin:
+    float32 [length, head_dim]."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos.to(x.dtype).to(compute), sin.to(x.dtype).to(compute)
+    wide = x.to(compute)
+    return (wide * cos + _rotate_half(wide) * sin).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +173,7 @@ class DDiTBlock(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.n_heads = config.n_heads
+        self.dropout = config.dropout
         self.norm1 = LayerNorm(hidden)
         self.attn_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.attn_out = nn.Linear(hidden, hidden, bias=False)
@@ -135,12 +192,13 @@ class DDiTBlock(nn.Module):
         # layout (q|k|v) x heads x head_dim
         qkv = self.attn_qkv(h).view(batch, length, 3, self.n_heads, hidden // self.n_heads)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [batch, heads, length, head_dim]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         attn = attn.transpose(1, 2).reshape(batch, length, hidden)
-        x = x + gate_msa * self.attn_out(attn)
-        return x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # The reference's bias_dropout_add_scale: x + gate * dropout(branch), dropout in training only.
+        x = x + gate_msa * F.dropout(self.attn_out(attn), self.dropout, self.training)
+        mlp_out = self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * F.dropout(mlp_out, self.dropout, self.training)
 
 
 class EmbeddingLayer(nn.Module):
@@ -203,7 +261,7 @@ class SEDD(nn.Module):
         """The transformer body: hidden states [batch, length, hidden] and the condition [batch, cond_dim]."""
         x = self.vocab_embed(indices)
         cond = F.silu(self.sigma_map(sigma_bar))  # [batch, cond_dim]
-        cos, sin = self.rotary_emb.cos_sin(indices.shape[1], x.dtype)
+        cos, sin = self.rotary_emb.cos_sin(indices.shape[1])  # float32 [length, head_dim]
         attn_mask = None if attention_mask is None else attention_mask[:, None, None, :]
         for block in self.blocks:
             x = block(x, cond, cos, sin, attn_mask)

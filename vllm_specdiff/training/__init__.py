@@ -609,9 +609,9 @@ def train_sedd(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str |
 
     from vllm_specdiff.checkpoint import config_to_dict
 
-    exported = SEDD(export.config)
+    exported = SEDD(export.config)  # keeps config.dropout: the exported config.json records it
     exported.load_state_dict(export.state_dict())
-    exported = exported.to(export_dtype)
+    exported = exported.to(export_dtype).eval()  # dropout is for training only
     raw = config_to_dict(export.config)
     raw["training"] = {"init": init, **asdict(cfg), "export_dtype": str(export_dtype),
                        **(provenance or {})}
@@ -736,6 +736,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-blocks", type=int, default=5, help="SEDD blocks / AR layers")
     parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--cond-dim", type=int, default=128, help="SEDD only")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="SEDD from scratch: residual dropout while training (config "
+                             "model.dropout; default 0, the published models used 0.1). A "
+                             "fine-tuned --init checkpoint keeps its own model.dropout")
     parser.add_argument("--length", type=int, default=256, help="SEDD window length (model.length)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -805,9 +809,14 @@ def run_train(args: argparse.Namespace) -> TrainResult:
     if args.kind == "sedd":
         from vllm_specdiff.model import SEDDConfig
 
+        if args.init and args.dropout is not None:
+            raise ValueError("--dropout sets the dropout of a model trained from scratch; an --init "
+                             "checkpoint trains with its own config model.dropout (edit its "
+                             "config.json to change it)")
         init = args.init or SEDDConfig(tokens=len(tokenizer), hidden_size=args.hidden_size,
                                        cond_dim=args.cond_dim, length=args.length,
-                                       n_blocks=args.n_blocks, n_heads=args.n_heads)
+                                       n_blocks=args.n_blocks, n_heads=args.n_heads,
+                                       dropout=args.dropout or 0.0)
         result, _ = train_sedd(init, tokenizer, cfg, args.out, args.work_dir, stream, windows,
                             export_dtype, provenance, resume=args.resume,
                             target_init=target_dir if args.target_init else None)
