@@ -12,7 +12,8 @@ from scipy.stats import chisquare
 
 from vllm_specdiff import DiffusionDrafter, SEDD, SEDDConfig
 from vllm_specdiff.diffusion import SAMPLING_EPS, time_grid, total_noise
-from vllm_specdiff.drafter import analytic_step_law, tempered_probs
+from vllm_specdiff.drafting.base import tempered_probs
+from vllm_specdiff.drafting.diffusion import analytic_step_law
 
 VOCAB = 4
 
@@ -169,7 +170,7 @@ def reference_sampler_law(model: SEDD, context, num_draft: int, num_steps: int) 
     AnalyticPredictor.update_fn at t = timesteps[i] with step_size (1 - eps) / num_steps, then
     Denoiser.update_fn at timesteps[-1]; the absorbing graph's staggered_score and transp_transition;
     score_fn(sampling=True) = exp(model output); sample_categorical = argmax(probs / Exp(1)), a draw
-    proportional to the positive entries of probs. Written independently of drafter.py (float64).
+    proportional to the positive entries of probs. Written independently of drafting/diffusion.py (float64).
     """
     dim = model.config.vocab_size  # tokens + the absorbing state, the last index
     eps = 1e-5

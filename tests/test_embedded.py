@@ -11,7 +11,8 @@ import torch
 from vllm_specdiff import DiffusionDrafter, SEDD
 from vllm_specdiff.assets import AR_DRAFTER_DIR, SEDD_DRAFTER_DIR, prepare_target, target_tokenizer
 from vllm_specdiff.data import heldout_prompts
-from vllm_specdiff.generate import AutoregressiveDrafter, speculative_generate
+from vllm_specdiff.drafting.autoregressive import AutoregressiveDrafter
+from vllm_specdiff.engine.generate import speculative_generate
 
 NUM_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 48, 48
 # Mean acceptance length (tokens per round, greedy) measured on these prompts: SEDD (k=8, T=2,

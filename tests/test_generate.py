@@ -12,7 +12,8 @@ from scipy.stats import chisquare
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from vllm_specdiff import DiffusionDrafter, SEDD, SEDDConfig
-from vllm_specdiff.generate import AutoregressiveDrafter, speculative_generate
+from vllm_specdiff.drafting.autoregressive import AutoregressiveDrafter
+from vllm_specdiff.engine.generate import speculative_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "markov-sedd"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_specdiff import SEDD, SEDDConfig
-from vllm_specdiff.checkpoint import CheckpointError, check_state_dict, config_from_dict
+from vllm_specdiff.models.sedd_checkpoint import CheckpointError, check_state_dict, config_from_dict
 from vllm_specdiff.diffusion import log_expm1, total_noise
 
 # The config.json of louaaron/sedd-small: the whole training config, nested.
@@ -31,7 +31,7 @@ PUBLISHED_SMALL_CONFIG = {
 
 
 def published_shapes(hidden: int, cond: int, n_blocks: int, n_heads: int, vocab: int = 50258):
-    """The published state-dict table (shared/docs/sedd.md), written out independently of model.py."""
+    """The published state-dict table (shared/docs/sedd.md), written out independently of models/sedd.py."""
     shapes = {
         "vocab_embed.embedding": (vocab, hidden),
         "sigma_map.mlp.0.weight": (cond, 256), "sigma_map.mlp.0.bias": (cond,),
@@ -320,7 +320,7 @@ def test_dropout_is_read_from_the_config_and_validated():
     raw = small_variant_config()
     del raw["model"]["dropout"]
     assert config_from_dict(raw).dropout == 0.0
-    from vllm_specdiff.checkpoint import config_to_dict
+    from vllm_specdiff.models.sedd_checkpoint import config_to_dict
 
     config = config_from_dict(small_variant_config(dropout=0.25))
     assert config_from_dict(config_to_dict(config)).dropout == 0.25

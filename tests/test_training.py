@@ -10,7 +10,7 @@ import torch
 
 from vllm_specdiff import data, training
 from vllm_specdiff.diffusion import rate_noise, total_noise
-from vllm_specdiff.model import SEDD, SEDDConfig
+from vllm_specdiff.models.sedd import SEDD, SEDDConfig
 
 TINY = SEDDConfig(tokens=63, hidden_size=32, cond_dim=16, length=32, n_blocks=1, n_heads=1)
 

@@ -3,9 +3,10 @@
 `import vllm_specdiff` works without vLLM or a GPU: only the plugin glue imports vllm, lazily.
 """
 from .diffusion import total_noise, rate_noise
-from .model import SEDD, SEDDConfig
-from .checkpoint import CheckpointError, SHORT_NAMES
-from .drafter import DiffusionDrafter, DraftOutput, Drafter
+from .models.sedd import SEDD, SEDDConfig
+from .models.sedd_checkpoint import CheckpointError, SHORT_NAMES
+from .drafting.base import DraftOutput, Drafter
+from .drafting.diffusion import DiffusionDrafter
 from .verification import PLACEHOLDER_TOKEN_ID, RejectionOutput, draw_random, rejection_sample
 
 __version__ = "0.1.0"
@@ -19,8 +20,12 @@ __all__ = [
 
 def __getattr__(name: str):
     # The standalone loop pulls in transformers-facing code; import it on first use.
-    if name in ("speculative_generate", "AutoregressiveDrafter", "GenerationResult"):
-        from . import generate
+    if name in ("speculative_generate", "GenerationResult"):
+        from .engine import generate
 
         return getattr(generate, name)
+    if name == "AutoregressiveDrafter":
+        from .drafting.autoregressive import AutoregressiveDrafter
+
+        return AutoregressiveDrafter
     raise AttributeError(f"module 'vllm_specdiff' has no attribute {name!r}")

@@ -1,0 +1,225 @@
+"""Measure vLLM offline generation with and without speculation (the demo and bench_offline).
+
+Each engine configuration runs in its own spawned process (a clean vLLM, no state carried over
+from the previous engine) and reports tokens/s and vLLM's own speculative-decoding counters
+(`llm.get_metrics()`): drafts, draft tokens, accepted tokens per position.
+All methods run on Model Runner V1 without async scheduling, because `custom_class` (which
+specdiff uses) forces both; the draft_model baseline is therefore measured on equal terms.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+METHODS = ("none", "draft_model", "specdiff")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine: no speculation, vLLM's draft_model speculator, or specdiff."""
+
+    method: str
+    drafter: str | None = None
+    num_draft_tokens: int = 0
+    num_steps: int | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown: choose one of {METHODS}")
+        if self.method != "none" and (not self.drafter or self.num_draft_tokens < 1):
+            raise ValueError(f"method {self.method!r} needs a drafter and num_draft_tokens >= 1")
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "no speculation"
+        if self.method == "draft_model":
+            return f"draft_model k={self.num_draft_tokens}"
+        return f"specdiff k={self.num_draft_tokens} T={self.num_steps}"
+
+    def speculative_config(self) -> dict[str, Any] | None:
+        if self.method == "none":
+            return None
+        config: dict[str, Any] = {"method": self.method, "model": self.drafter,
+                                  "num_speculative_tokens": self.num_draft_tokens}
+        if self.method == "draft_model":
+            config["draft_sample_method"] = "probabilistic"
+        else:
+            config.update({k: v for k, v in (("num_steps", self.num_steps), ("window", self.window))
+                           if v is not None})
+        return config
+
+
+def spec_counters(metrics) -> dict[str, Any]:
+    """vLLM's spec-decode counters from llm.get_metrics() (zeros when speculation is off)."""
+    out: dict[str, Any] = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "accepted_per_pos": []}
+    for metric in metrics:
+        if metric.name == "vllm:spec_decode_num_drafts":
+            out["drafts"] = int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_draft_tokens":
+            out["draft_tokens"] = int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens":
+            out["accepted"] = int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            out["accepted_per_pos"] = [int(v) for v in metric.values]
+    return out
+
+
+def acceptance_histogram(drafts: int, accepted_per_pos: Sequence[int], k: int) -> list[int]:
+    """Rounds by number of accepted drafts [k + 1], from per-position acceptance counts."""
+    per_pos = list(accepted_per_pos) + [0] * (k - len(accepted_per_pos))
+    reached = [drafts] + per_pos[:k]  # rounds that accepted at least j drafts
+    return [reached[j] - (reached[j + 1] if j < k else 0) for j in range(k + 1)]
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    per_pos = [a - (before["accepted_per_pos"][i] if i < len(before["accepted_per_pos"]) else 0)
+               for i, a in enumerate(after["accepted_per_pos"])]
+    return {"drafts": after["drafts"] - before["drafts"],
+            "draft_tokens": after["draft_tokens"] - before["draft_tokens"],
+            "accepted": after["accepted"] - before["accepted"], "accepted_per_pos": per_pos}
+
+
+def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], batches: Sequence[int],
+               temperatures: Sequence[float], max_tokens: int, dtype: str = "bfloat16",
+               seed: int = 0, max_model_len: int = 1024, repeats: int = 1) -> list[dict[str, Any]]:
+    """Build one engine and time every (temperature, batch) pair on `prompts` (in this process)."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # This process already isolates the engine; in-process engine core builds in seconds, not ~45 s.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # CPU builds otherwise reserve 92% of RAM for the KV cache (ignored on GPUs); offline, no telemetry.
+    for name, value in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("HF_HUB_OFFLINE", "1"),
+                        ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+        os.environ.setdefault(name, value)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    build_start = time.perf_counter()
+    llm = LLM(model=target, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+              speculative_config=spec.speculative_config(), disable_log_stats=False,
+              async_scheduling=False, distributed_executor_backend="uni", max_num_seqs=max(batches))
+    build_s = time.perf_counter() - build_start
+    # Warm-up: first-call allocations and lazy imports are not part of any measurement.
+    llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))],
+                 SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    results = []
+    for temperature in temperatures:
+        for batch in batches:
+            before = spec_counters(llm.get_metrics())
+            tokens, texts = 0, []
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for first in range(0, len(prompts), batch):
+                    group = prompts[first:first + batch]
+                    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                             ignore_eos=True, seed=seed + first + i)
+                              for i in range(len(group))]
+                    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in group],
+                                           params, use_tqdm=False)
+                    tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+                    texts.extend(o.outputs[0].text for o in outputs)
+            seconds = time.perf_counter() - start
+            counters = _delta(spec_counters(llm.get_metrics()), before)
+            k = spec.num_draft_tokens
+            results.append({
+                "method": spec.method, "label": spec.label, "drafter": spec.drafter,
+                "num_draft_tokens": k, "num_steps": spec.num_steps, "window": spec.window,
+                "batch": batch, "temperature": temperature, "dtype": dtype,
+                "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                "engine_build_s": build_s, "num_drafts": counters["drafts"],
+                "num_accepted_tokens": counters["accepted"],
+                "acceptance_histogram": acceptance_histogram(counters["drafts"],
+                                                             counters["accepted_per_pos"], k) if k else [],
+                "mean_acceptance_length": (1 + counters["accepted"] / counters["drafts"])
+                if counters["drafts"] else None,
+                "sample": texts[0] if texts else "",
+            })
+    return results
+
+
+def _child(queue, args, kwargs) -> None:
+    try:
+        queue.put(("ok", run_engine(*args, **kwargs)))
+    except BaseException as err:  # report, never hang the parent
+        import traceback
+
+        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+def run_isolated(spec: EngineSpec, *args, **kwargs) -> list[dict[str, Any]]:
+    """run_engine in a fresh spawned process (one engine per process, as vLLM prefers)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, (spec, *args), kwargs))
+    process.start()
+    status, payload = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"engine {spec.label} failed:\n{payload}")
+    return payload
+
+
+def add_speedups(results: list[dict[str, Any]]) -> None:
+    """speedup: tokens/s over no speculation (the mean of its runs) at the same temperature and
+    batch, in the same run; speedup_vs_draft_model: over the fastest draft_model engine on Model
+    Runner V1 without async scheduling (the fair baseline; rows without a runner ran there)."""
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    ok = [r for r in results if r.get("tokens_per_s")]
+    keys = {(r["temperature"], r["batch"]) for r in ok}
+    plain = {key: mean([r["tokens_per_s"] for r in ok if r["method"] == "none"
+                        and (r["temperature"], r["batch"]) == key]) for key in keys}
+    draft_model = {key: max([r["tokens_per_s"] for r in ok if r["method"] == "draft_model"
+                             and r.get("runner", "v1") == "v1" and (r["temperature"], r["batch"]) == key],
+                            default=None) for key in keys}
+    for r in results:
+        key = (r.get("temperature"), r.get("batch"))
+        tps = r.get("tokens_per_s")
+        r["speedup"] = tps / plain[key] if tps and plain.get(key) else None
+        r["speedup_vs_draft_model"] = tps / draft_model[key] if tps and draft_model.get(key) else None
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    header = (f"{'method':<24} {'temp':>4} {'batch':>5} {'tok/s':>8} {'accept len':>10} "
+              f"{'vs none':>8} {'vs draft_model':>14}")
+    lines = [header, "-" * len(header)]
+    for r in sorted(results, key=lambda r: (r["temperature"], r["batch"], METHODS.index(r["method"]))):
+        accept = f"{r['mean_acceptance_length']:.2f}" if r["mean_acceptance_length"] else "-"
+        vs_none = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        vs_dm = f"{r['speedup_vs_draft_model']:.2f}x" if r.get("speedup_vs_draft_model") else "-"
+        lines.append(f"{r['label']:<24} {r['temperature']:>4g} {r['batch']:>5} "
+                     f"{r['tokens_per_s']:>8.1f} {accept:>10} {vs_none:>8} {vs_dm:>14}")
+    return "\n".join(lines)
+
+
+def default_dtype(dtype: str = "auto") -> str:
+    """"auto" -> float32 on CPU, bfloat16 on a GPU; any other value is returned as given.
+
+    CPUs without AVX512-BF16/AMX (this project's 2-core AVX2 AMD EPYC among them) emulate bf16
+    matmuls: there float32 decodes 1.2x (batch 1) to 5x (batch 16) faster in vLLM (bench_offline,
+    measured), and float32 is also the batch-shape-invariant dtype the exactness tests use.
+    """
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def device_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+__all__ = ["EngineSpec", "run_engine", "run_isolated", "add_speedups", "format_table", "default_dtype",
+           "acceptance_histogram", "spec_counters", "device_name"]
