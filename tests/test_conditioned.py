@@ -99,7 +99,8 @@ def block_rows(model: ConditionedDenoiser, tokens: tuple[int, ...], k: int, lo: 
     kv = model.context_key_values(feats, torch.arange(CONTEXT_LEN)[None])
     positions = CONTEXT_LEN + torch.arange(block)[None]
     mask = torch.ones(1, 1, block, CONTEXT_LEN + block, dtype=torch.bool)
-    hidden = model.block_hidden(ids, revealed, positions, kv, mask)[0, 1 + lo:1 + hi]
+    anchor_state = model.fuse(feats)[:, -1:]  # the last context position's fused state
+    hidden = model.block_hidden(ids, revealed, positions, kv, mask, anchor_state)[0, 1 + lo:1 + hi]
     probs = torch.softmax(model.draft_logits(hidden).double(), -1)
     full = torch.zeros(hi - lo, VOCAB, dtype=torch.float64)
     full[:, model.draft_vocab] = probs
@@ -266,3 +267,19 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         ConditionedDrafter(model, 3, num_steps=4)
     with pytest.raises(ValueError, match="trained for blocks of up to 3"):
         ConditionedDrafter(model, 5)
+
+
+def test_context_cache_restarts_on_a_gap_and_keeps_absolute_positions():
+    """A recomputed sequence (start back at 0) restarts its slot; a context that begins late (prefix
+    cache) keeps its absolute RoPE positions, equal to caching the same rows after a full prefix."""
+    model = tiny_model(block_size=4).float()
+    drafter = draft_cache(model)
+    feats = features(length=9).float()
+    late = drafter.new_cache(1, 16)
+    late.append([0], [feats[4:]], starts=[4])
+    assert late.lengths == [5] and late.end(0) == 9
+    full = drafter.new_cache(1, 16)
+    full.append([0], [feats])
+    assert torch.allclose(late.k[:, 0, :, :5], full.k[:, 0, :, 4:9], atol=1e-5)
+    late.append([0], [feats[:3]], starts=[0])  # preempted and recomputed from the start
+    assert late.lengths == [3] and late.end(0) == 3

@@ -391,6 +391,12 @@ def test_drafter_dtype_is_float32_on_cpu_by_default_and_follows_the_option(small
     proposer.set_sampling_state([1.0], {})
     assert len(proposer.propose([[3]], num_tokens, token_ids)[0]) == NUM_DRAFT
     assert proposer.take_last_draft_probs().dtype == torch.float32  # q stays float32
+    # The reference SEDD GPU recipe: float32 weights, bf16 autocast.
+    proposer = _make_proposer(small_vocab_drafter, SMALL_VOCAB, drafter_dtype="autocast_bfloat16")
+    assert proposer.drafter.model.vocab_embed.embedding.dtype == torch.float32
+    assert proposer.drafter.autocast_dtype == torch.bfloat16
+    proposer.set_sampling_state([1.0], {})
+    assert len(proposer.propose([[3]], num_tokens, token_ids)[0]) == NUM_DRAFT
     from vllm_specdiff.vllm_plugin import serve
 
     args = serve.build_parser().parse_args(["m", "--specdiff-drafter-dtype", "float16"])

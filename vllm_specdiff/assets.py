@@ -25,6 +25,7 @@ _DONE_MARKER = ".specdiff-complete"
 DRAFTERS_DIR = Path(__file__).resolve().parent / "drafters"
 SEDD_DRAFTER_DIR = DRAFTERS_DIR / "sedd-smollm2"
 AR_DRAFTER_DIR = DRAFTERS_DIR / "ar-smollm2"
+CONDITIONED_DRAFTER_DIR = DRAFTERS_DIR / "conditioned-smollm2"
 
 
 def cache_root() -> Path:

@@ -13,8 +13,8 @@ def _draft(args: argparse.Namespace) -> int:
     """Draft continuations from a SEDD checkpoint and print them (tokens, or text with a tokenizer)."""
     import torch
 
-    from .drafter import DiffusionDrafter
-    from .model import SEDD
+    from .drafting.diffusion import DiffusionDrafter
+    from .models.sedd import SEDD
 
     model = SEDD.from_pretrained(args.model)
     drafter = DiffusionDrafter(model, args.num_draft_tokens, args.num_steps, order=args.order,
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="vLLM's OpenAI server with the specdiff flags (all vllm serve args)",
                    add_help=False)
-    train = sub.add_parser("train", help="train a SEDD or autoregressive drafter for a target")
+    train = sub.add_parser("train", help="train a drafter for a target: --kind sedd, ar or conditioned "
+                                         "(`train --kind conditioned --help` for its options)")
     demo = sub.add_parser("demo", help="the embedded-model demo (SmolLM2-135M target)")
     draft = sub.add_parser("draft", help="draft from a SEDD checkpoint and print the drafts")
     draft.add_argument("model", help="SEDD checkpoint folder, hub id or sedd-small/sedd-medium")
@@ -56,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         from .vllm_plugin.serve import main as serve_main
 
         return serve_main(argv[1:]) or 0
+    if argv and argv[0] == "train" and ("--kind=conditioned" in argv or any(
+            a == "--kind" and b == "conditioned" for a, b in zip(argv, argv[1:]))):
+        # The target-conditioned drafter has its own pipeline and options.
+        from .training.conditioned import run_conditioned
+
+        run_conditioned(argv[1:])
+        return 0
     if argv and argv[0] == "train":
         from .training import add_train_args, run_train
 
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return run_train(args) or 0
     if argv and argv[0] == "demo":
-        from .demo import add_demo_args, run_demo
+        from .engine.demo import add_demo_args, run_demo
 
         add_demo_args(demo)
         args = parser.parse_args(argv)

@@ -15,6 +15,18 @@ full-q verification is exact only when q_i is the law of x_i given the context a
 (shared/docs/lossless.md). Greedy rows (temperature 0) accept iff x_i == argmax p_i and emit the
 target argmax, so the output equals target greedy decoding.
 
+A draft id PLACEHOLDER_TOKEN_ID (-1; vLLM pads drafts with it, e.g. after a grammar cut them short)
+is never accepted, and the token emitted at its position is drawn from p itself (q = 0 there: the
+position proposed nothing), so padding never changes the output law.
+
+Two layouts of the target logits:
+- `rejection_sample`: [num_tokens + batch, vocab], per request its draft positions then its bonus
+  position; it draws the bonus token itself (the standalone loop and the Triton kernels);
+- `rejection_sample_drafts`: [num_tokens, vocab], the draft positions only, with the bonus tokens
+  drawn by the caller (vLLM's RejectionSampler contract: its sampler draws them with every logits
+  processor applied). It can also replace the acceptance rule by fixed per-position rates (vLLM's
+  "synthetic" rejection sampling, a benchmarking mode).
+
 Random numbers are drawn outside (`draw_random`), so every implementation is a deterministic
 function of its inputs: `rejection_sample_reference` (pure PyTorch; the specification, CPU path and
 test oracle) and the Triton kernels in `vllm_specdiff.kernels.rejection` agree token for token
@@ -86,9 +98,13 @@ def check_rejection_inputs(
     uniform_samples: torch.Tensor,
     exponential_samples: torch.Tensor,
     max_draft_len: int | None,
+    *,
+    bonus_rows: bool = True,
 ) -> tuple[int, int, int]:
     """Validate shapes, dtypes and devices; return (batch, num_tokens, vocab).
 
+    bonus_rows: target_logits holds each request's bonus position too ([num_tokens + batch, vocab],
+    `rejection_sample`) or the draft positions only ([num_tokens, vocab], `rejection_sample_drafts`).
     Raises ValueError naming the argument and what it should be. Values are only inspected when
     cu_num_draft_tokens lives on the CPU (reading a device tensor would be a host sync).
     """
@@ -103,13 +119,16 @@ def check_rejection_inputs(
         fail("cu_num_draft_tokens", cu_num_draft_tokens, "a 1-D int32/int64 tensor [batch]")
     num_tokens = draft_token_ids.shape[0]
     batch = cu_num_draft_tokens.shape[0]
+    rows, layout = ((num_tokens + batch, "[num_tokens + batch, vocab]") if bonus_rows
+                    else (num_tokens, "[num_tokens, vocab]"))
     if target_logits.ndim != 2 or target_logits.dtype not in _LOGIT_DTYPES:
-        fail("target_logits", target_logits, "a 2-D float tensor [num_tokens + batch, vocab]")
+        fail("target_logits", target_logits, f"a 2-D float tensor {layout}")
     vocab = target_logits.shape[1]
-    if target_logits.shape[0] != num_tokens + batch or vocab == 0:
+    if target_logits.shape[0] != rows or vocab == 0:
         fail("target_logits", target_logits,
-             f"[num_tokens + batch, vocab] = [{num_tokens} + {batch}, vocab > 0] (each request's "
-             "draft positions then its bonus position)")
+             f"{layout} with {rows} rows and vocab > 0 ("
+             + ("each request's draft positions then its bonus position)" if bonus_rows
+                else "the draft positions only)"))
     if draft_probs is not None and (draft_probs.shape != (num_tokens, vocab)
                                     or draft_probs.dtype not in _LOGIT_DTYPES):
         fail("draft_probs", draft_probs, f"None or a float tensor [num_tokens, vocab] = "
@@ -194,6 +213,16 @@ def _row_parameters(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row (draft and bonus positions) temperature, top_k, top_p; greedy rows filter nothing."""
     row_request = request_index(num_draft_tokens_per_request(cu_num_draft_tokens) + 1, num_rows)
+    return _request_parameters(row_request, temperature, top_k, top_p)
+
+
+def _request_parameters(
+    row_request: torch.Tensor,  # [num_rows] request of each row
+    temperature: torch.Tensor,  # [batch]
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Each row's temperature (1 for greedy rows), top_k and top_p (off for greedy rows)."""
     is_greedy = (temperature == 0)[row_request]  # [num_rows]
     row_temperature = torch.where(is_greedy, torch.ones_like(temperature[row_request]),
                                   temperature[row_request])
@@ -215,13 +244,40 @@ def target_scaled_logits(
     Greedy rows (temperature 0) are returned unscaled and unfiltered: their argmax is the target's
     greedy token.
     """
-    compute_dtype = torch.promote_types(target_logits.dtype, torch.float32)
-    row_temperature, row_top_k, row_top_p = _row_parameters(
-        cu_num_draft_tokens, target_logits.shape[0], temperature, top_k, top_p)
-    scaled = target_logits.to(compute_dtype) / row_temperature.to(compute_dtype).unsqueeze(1)
+    row_request = request_index(num_draft_tokens_per_request(cu_num_draft_tokens) + 1,
+                                target_logits.shape[0])
+    return _scaled_rows(target_logits, row_request, temperature, top_k, top_p)
+
+
+def draft_position_scaled_logits(
+    target_logits: torch.Tensor,  # [num_tokens, vocab]: the draft positions only
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    temperature: torch.Tensor,  # [batch]
+    top_k: torch.Tensor | None,  # [batch]
+    top_p: torch.Tensor | None,  # [batch]
+) -> torch.Tensor:
+    """`target_scaled_logits` for the layout of `rejection_sample_drafts` (no bonus rows)."""
+    num_draft = num_draft_tokens_per_request(cu_num_draft_tokens)
+    return _scaled_rows(target_logits, request_index(num_draft, target_logits.shape[0]),
+                        temperature, top_k, top_p)
+
+
+def _scaled_rows(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    row_request: torch.Tensor,  # [num_rows] request of each row
+    temperature: torch.Tensor,  # [batch]
+    top_k: torch.Tensor | None,  # [batch]
+    top_p: torch.Tensor | None,  # [batch]
+) -> torch.Tensor:
+    """[num_rows, vocab] logits / temperature with the filtered tokens at -inf (any row layout)."""
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    row_temperature, row_top_k, row_top_p = _request_parameters(row_request, temperature, top_k,
+                                                                top_p)
+    scaled = logits.to(compute_dtype) / row_temperature.to(compute_dtype).unsqueeze(1)
     if row_top_k is None and row_top_p is None:
         return scaled
-    return scaled.masked_fill(top_k_top_p_mask(scaled, row_top_k, row_top_p), float("-inf"))
+    # In place: `scaled` is this function's own tensor (the division allocated it).
+    return scaled.masked_fill_(top_k_top_p_mask(scaled, row_top_k, row_top_p), float("-inf"))
 
 
 def mask_filtered_logits(
@@ -314,7 +370,9 @@ def rejection_sample_reference(
     The specification of `rejection_sample`, its CPU path and the oracle of the kernel tests.
     Vectorised over all draft positions; the residual law max(p - q, 0) is built only at each
     request's first rejection; no host syncs unless max_draft_len is None. Float64
-    inputs are computed in float64 (used by the exact-enumeration tests).
+    inputs are computed in float64 (used by the exact-enumeration tests). Placeholder drafts (-1)
+    are handled here; the Triton kernels expect valid ids (vLLM batches with placeholders take this
+    path: vllm_plugin/sampler.py).
     """
     batch, num_tokens, vocab = check_rejection_inputs(
         draft_token_ids, cu_num_draft_tokens, draft_probs, target_logits, temperature, top_k, top_p,
@@ -323,30 +381,66 @@ def rejection_sample_reference(
         max_draft_len = _max_draft_len(cu_num_draft_tokens)
     device = target_logits.device
     num_draft = num_draft_tokens_per_request(cu_num_draft_tokens)  # [batch]
-    draft_start = cu_num_draft_tokens.long() - num_draft  # [batch]
     token_request = request_index(num_draft, num_tokens)  # [num_tokens]
-    token_position = torch.arange(num_tokens, device=device) - draft_start[token_request]
     token_row = torch.arange(num_tokens, device=device) + token_request  # row of target_logits
     bonus_row = cu_num_draft_tokens.long() + torch.arange(batch, device=device)  # [batch]
     is_greedy = temperature == 0  # [batch]
-    drafts = draft_token_ids.long()  # [num_tokens]
 
     scaled_logits = target_scaled_logits(target_logits, cu_num_draft_tokens, temperature, top_k,
                                          top_p)  # [num_rows, vocab]
     target_probs = scaled_logits.softmax(dim=-1)  # [num_rows, vocab]
     target_argmax = scaled_logits.argmax(dim=-1)  # [num_rows]; greedy rows are unscaled
+    bonus = torch.where(is_greedy, target_argmax[bonus_row],
+                        exponential_race(target_probs[bonus_row], exponential_samples))
+    return _accept_then_emit(draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs,
+                             target_argmax, token_row, is_greedy, bonus, uniform_samples,
+                             exponential_samples, max_draft_len)
+
+
+def _accept_then_emit(
+    draft_token_ids: torch.Tensor,  # [num_tokens] int; negative = placeholder
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    draft_probs: torch.Tensor | None,  # [num_tokens, vocab]
+    target_probs: torch.Tensor,  # [num_rows, vocab] target law p of each row
+    target_argmax: torch.Tensor,  # [num_rows] argmax of each row's logits (greedy rows)
+    token_row: torch.Tensor,  # [num_tokens] row of target_probs at each draft position
+    is_greedy: torch.Tensor,  # [batch] bool
+    bonus: torch.Tensor,  # [batch] int: the token after a fully accepted block
+    uniform_samples: torch.Tensor,  # [num_tokens] float64
+    exponential_samples: torch.Tensor,  # [batch, vocab]
+    max_draft_len: int,
+    acceptance_rates: torch.Tensor | None = None,  # [>= max_draft_len]: synthetic acceptance
+) -> RejectionOutput:
+    """The accept / recover step shared by both layouts (Algorithm 1 of Leviathan et al. 2023).
+
+    Vectorised over all draft positions; the residual law max(p - q, 0) is built only at each
+    request's first rejection; no host syncs.
+    """
+    device = target_probs.device
+    num_tokens, batch = draft_token_ids.shape[0], cu_num_draft_tokens.shape[0]
+    num_draft = num_draft_tokens_per_request(cu_num_draft_tokens)  # [batch]
+    draft_start = cu_num_draft_tokens.long() - num_draft  # [batch]
+    token_request = request_index(num_draft, num_tokens)  # [num_tokens]
+    token_position = torch.arange(num_tokens, device=device) - draft_start[token_request]
+    drafts = draft_token_ids.long()  # [num_tokens]
+    is_placeholder = drafts < 0  # [num_tokens]: padding, never accepted
+    safe_drafts = drafts.clamp(min=0)  # a valid index for the gathers below
 
     # Draft positions: acceptance needs only p(x_i) and q(x_i).
-    target_prob_of_draft = target_probs[token_row, drafts]  # [num_tokens]
+    target_prob_of_draft = target_probs[token_row, safe_drafts]  # [num_tokens]
     if draft_probs is None:
         draft_prob_of_draft = torch.ones_like(target_prob_of_draft)
     else:
-        draft_prob_of_draft = draft_probs[torch.arange(num_tokens, device=device), drafts].to(
+        draft_prob_of_draft = draft_probs[torch.arange(num_tokens, device=device), safe_drafts].to(
             target_probs.dtype)
-    random_accepted = (uniform_samples * draft_prob_of_draft.double()
-                       <= target_prob_of_draft.double())
-    token_is_greedy = is_greedy[token_request]
-    accepted = torch.where(token_is_greedy, drafts == target_argmax[token_row], random_accepted)
+    if acceptance_rates is None:
+        random_accepted = (uniform_samples * draft_prob_of_draft.double()
+                           <= target_prob_of_draft.double())
+        accepted = torch.where(is_greedy[token_request], drafts == target_argmax[token_row],
+                               random_accepted)
+    else:  # synthetic: a fixed acceptance probability per position, greedy rows included
+        accepted = uniform_samples < acceptance_rates.double()[token_position]
+    accepted &= ~is_placeholder
 
     width = max_draft_len + 1
     accepted_padded = torch.zeros(batch, width, dtype=torch.bool, device=device)
@@ -355,23 +449,24 @@ def rejection_sample_reference(
 
     # One final token per request: the recovered token at its first rejection, else the bonus.
     # The residual max(p - q, 0) is built only for that one row per request, not for every draft.
-    bonus = torch.where(is_greedy, target_argmax[bonus_row],
-                        exponential_race(target_probs[bonus_row], exponential_samples))
-    final_token = bonus
+    final_token = bonus.long()
     if num_tokens > 0:
         last_draft = (num_draft - 1).clamp(min=0)
         reject_token = (draft_start + torch.minimum(num_accepted, last_draft)).clamp(max=num_tokens - 1)
         reject_row = token_row[reject_token]  # [batch]
         reject_target_probs = target_probs[reject_row]  # [batch, vocab]
         if draft_probs is None:
-            residual = reject_target_probs.scatter(1, drafts[reject_token].unsqueeze(1), 0.0)
+            residual = reject_target_probs.scatter(1, safe_drafts[reject_token].unsqueeze(1), 0.0)
         else:
             residual = (reject_target_probs - draft_probs[reject_token].to(target_probs.dtype)).clamp(min=0.0)
-        # max(p - q, 0) is all zero only when p == q numerically: then recover from p itself.
-        residual = torch.where(residual.amax(dim=-1, keepdim=True) > 0, residual, reject_target_probs)
+        # A placeholder proposed nothing (q = 0): recover from p itself. So does a residual that
+        # is all zero (p == q numerically).
+        recover_from_target = (is_placeholder[reject_token].unsqueeze(1)
+                               | (residual.amax(dim=-1, keepdim=True) <= 0))
+        residual = torch.where(recover_from_target, reject_target_probs, residual)
         recovered = torch.where(is_greedy, target_argmax[reject_row],
                                 exponential_race(residual, exponential_samples))
-        final_token = torch.where(num_accepted < num_draft, recovered, bonus)
+        final_token = torch.where(num_accepted < num_draft, recovered, final_token)
 
     draft_padded = torch.full((batch, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int64,
                               device=device)
@@ -380,6 +475,56 @@ def rejection_sample_reference(
     output = torch.where(slot < num_accepted.unsqueeze(1), draft_padded, PLACEHOLDER_TOKEN_ID)
     output = torch.where(slot == num_accepted.unsqueeze(1), final_token.unsqueeze(1), output)
     return RejectionOutput(output_token_ids=output, num_accepted=num_accepted)
+
+
+def rejection_sample_drafts(
+    draft_token_ids: torch.Tensor,  # [num_tokens] int; PLACEHOLDER_TOKEN_ID = padding
+    cu_num_draft_tokens: torch.Tensor,  # [batch] int, inclusive cumulative sum of draft lengths
+    draft_probs: torch.Tensor | None,  # [num_tokens, vocab]; None = one-hot verification
+    target_logits: torch.Tensor,  # [num_tokens, vocab]: the target's logits AT the draft positions
+    temperature: torch.Tensor,  # [batch] float; 0 = greedy
+    top_k: torch.Tensor | None,  # [batch] int; 0 or >= vocab = off
+    top_p: torch.Tensor | None,  # [batch] float; 1.0 = off
+    bonus_token_ids: torch.Tensor,  # [batch] int: emitted when every draft is accepted
+    uniform_samples: torch.Tensor,  # [num_tokens] float64 in [0, 1)
+    exponential_samples: torch.Tensor,  # [batch, vocab] Exp(1): the recovered token's race
+    max_draft_len: int | None = None,
+    acceptance_rates: torch.Tensor | None = None,  # [>= max_draft_len] float in [0, 1]
+) -> RejectionOutput:
+    """Speculative sampling over the draft positions only, the bonus tokens given (pure PyTorch).
+
+    The same rule as `rejection_sample_reference` (token for token, given the same bonus tokens and
+    random numbers), on vLLM's RejectionSampler layout: the caller gathers the target logits at the
+    draft positions (in any order its metadata describes) and draws the bonus tokens. Rows of
+    target_logits are in draft order: row i is the target's logits at draft position i.
+
+    acceptance_rates: None for the speculative-sampling rule (lossless). Otherwise vLLM's
+    "synthetic" rejection sampling, a benchmarking mode that is NOT lossless: the draft at position
+    j is accepted with probability acceptance_rates[j] whatever the laws, a rejection emits what a
+    real rejection would (greedy: the target argmax; sampled: a recovered token).
+    """
+    batch, num_tokens, vocab = check_rejection_inputs(
+        draft_token_ids, cu_num_draft_tokens, draft_probs, target_logits, temperature, top_k, top_p,
+        uniform_samples, exponential_samples, max_draft_len, bonus_rows=False)
+    if bonus_token_ids.shape != (batch,) or bonus_token_ids.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"rejection_sample_drafts: bonus_token_ids must be an int32/int64 tensor "
+                         f"[batch] = [{batch}], got shape {tuple(bonus_token_ids.shape)} dtype "
+                         f"{bonus_token_ids.dtype}")
+    if acceptance_rates is not None and (acceptance_rates.ndim != 1
+                                         or not acceptance_rates.is_floating_point()):
+        raise ValueError("rejection_sample_drafts: acceptance_rates must be None or a 1-D float "
+                         f"tensor [>= max_draft_len], got shape {tuple(acceptance_rates.shape)}")
+    if max_draft_len is None:
+        max_draft_len = _max_draft_len(cu_num_draft_tokens)
+    device = target_logits.device
+    token_request = request_index(num_draft_tokens_per_request(cu_num_draft_tokens), num_tokens)
+    is_greedy = temperature == 0  # [batch]
+    scaled_logits = _scaled_rows(target_logits, token_request, temperature, top_k, top_p)
+    return _accept_then_emit(
+        draft_token_ids, cu_num_draft_tokens, draft_probs, scaled_logits.softmax(dim=-1),
+        scaled_logits.argmax(dim=-1), torch.arange(num_tokens, device=device), is_greedy,
+        bonus_token_ids.to(device), uniform_samples, exponential_samples, max_draft_len,
+        acceptance_rates)
 
 
 def _triton_available() -> bool:
@@ -416,10 +561,12 @@ __all__ = [
     "PLACEHOLDER_TOKEN_ID",
     "RejectionOutput",
     "check_rejection_inputs",
+    "draft_position_scaled_logits",
     "draw_random",
     "exponential_race",
     "mask_filtered_logits",
     "rejection_sample",
+    "rejection_sample_drafts",
     "rejection_sample_reference",
     "target_scaled_logits",
     "top_k_top_p_mask",

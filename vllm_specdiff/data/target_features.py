@@ -32,6 +32,16 @@ def _log(msg: str) -> None:
     print(f"[vllm-specdiff] {msg}", file=sys.stderr, flush=True)
 
 
+def generate_continuations_isolated(*args, **kwargs) -> list[list[int]]:
+    """generate_continuations in a spawned process: vLLM's CPU worker pins the calling process to
+    one thread, which would slow every later torch computation of the caller (feature pass,
+    training) by the number of cores."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(generate_continuations, args, kwargs)
+
+
 def generate_continuations(target_dir: str | os.PathLike, prompts: Sequence[Sequence[int]],
                            temperatures: Sequence[float], max_tokens: int,
                            cache_path: str | os.PathLike, seed: int = 0, chunk: int = 64,

@@ -44,8 +44,10 @@ def step_slices(num_draft_tokens: int, num_steps: int) -> list[tuple[int, int]]:
 class ContextCache:
     """Per-slot context keys/values of every draft layer, in buffers allocated once.
 
-    k, v: [num_layers, num_slots, kv_heads, max_len, head_dim]; lengths[slot] = positions cached
-    (positions 0 .. length - 1 of that sequence).
+    k, v: [num_layers, num_slots, kv_heads, max_len, head_dim]; a slot caches the consecutive
+    absolute positions base[slot] .. base[slot] + lengths[slot] - 1 (base > 0 when the engine never
+    computed the first positions, e.g. a prompt prefix served from vLLM's prefix cache: the drafter
+    then reads the context it has; exactness never depends on it).
     """
 
     def __init__(self, model: ConditionedDenoiser, num_slots: int, max_len: int,
@@ -57,46 +59,79 @@ class ContextCache:
         self.model = model
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Fused state of each slot's last cached position (the block's anchor_state).
+        self.last_state = torch.zeros(num_slots, config.hidden_size, device=device, dtype=dtype)
         self.lengths = [0] * num_slots
+        self.base = [0] * num_slots
         self.max_len = max_len
 
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
+    @property
+    def num_slots(self) -> int:
+        return len(self.lengths)
 
-    def truncate(self, slot: int, length: int) -> None:
-        self.lengths[slot] = min(self.lengths[slot], length)
+    def reset(self, slot: int, base: int = 0) -> None:
+        self.lengths[slot] = 0
+        self.base[slot] = base
+        self.last_state[slot] = 0
+
+    def end(self, slot: int) -> int:
+        """The absolute position right after the cached context (where the anchor sits)."""
+        return self.base[slot] + self.lengths[slot]
 
     @torch.no_grad()
-    def append(self, slots: Sequence[int], features: Sequence[torch.Tensor]) -> None:
-        """Append features [n_i, feature_size] (the next n_i positions) of each slot, in one batched
-        projection for all slots."""
-        rows = [(slot, feat) for slot, feat in zip(slots, features) if feat.shape[0] > 0]
-        if not rows:
-            return
-        for slot, feat in rows:
+    def append(self, slots: Sequence[int], features: Sequence[torch.Tensor],
+               starts: Sequence[int] | None = None) -> None:
+        """Append features [n_i, feature_size] of each slot, in one batched projection.
+
+        starts[i]: absolute position of the first row (default: the slot's end). A start that does
+        not continue the slot (a recomputed or resumed sequence) restarts the slot there.
+        """
+        rows = []
+        for i, (slot, feat) in enumerate(zip(slots, features)):
+            if feat.shape[0] == 0:
+                continue
+            if starts is not None and int(starts[i]) != self.end(slot):
+                self.reset(slot, int(starts[i]))
             if self.lengths[slot] + feat.shape[0] > self.max_len:
                 raise ValueError(f"context cache slot {slot}: {self.lengths[slot]} + {feat.shape[0]} "
                                  f"positions exceed max_len {self.max_len}")
+            rows.append((slot, feat))
+        if not rows:
+            return
         device = self.k.device
         feats = torch.cat([feat for _, feat in rows]).to(device)
-        positions = torch.cat([torch.arange(self.lengths[s], self.lengths[s] + f.shape[0])
-                               for s, f in rows]).to(device)
-        kv = self.model.context_key_values(feats[None], positions[None])  # per layer [1, kvh, N, d]
+        index = torch.cat([torch.arange(self.lengths[s], self.lengths[s] + f.shape[0])
+                           for s, f in rows]).to(device)
+        positions = index + torch.cat([torch.full((f.shape[0],), self.base[s], dtype=torch.long)
+                                       for s, f in rows]).to(device)
+        fused = self.model.fuse(feats[None])  # [1, N, hidden]
+        kv = self.model.fused_key_values(fused, positions[None])  # per layer [1, kvh, N, d]
+        ends = torch.tensor([f.shape[0] for _, f in rows]).cumsum(0) - 1
+        self.last_state[torch.tensor([s for s, _ in rows], device=device)] = \
+            fused[0, ends.to(device)].to(self.last_state.dtype)
         slot_index = torch.cat([torch.full((f.shape[0],), s, dtype=torch.long) for s, f in rows]).to(device)
         for layer, (k, v) in enumerate(kv):
-            self.k[layer, slot_index, :, positions] = k[0].transpose(0, 1).to(self.k.dtype)
-            self.v[layer, slot_index, :, positions] = v[0].transpose(0, 1).to(self.v.dtype)
+            self.k[layer, slot_index, :, index] = k[0].transpose(0, 1).to(self.k.dtype)
+            self.v[layer, slot_index, :, index] = v[0].transpose(0, 1).to(self.v.dtype)
         for slot, feat in rows:
             self.lengths[slot] += feat.shape[0]
 
-    def gather(self, slots: Sequence[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Per-layer (k, v) [n, kv_heads, max_len_of_batch, head_dim] and lengths [n]."""
-        lengths = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long)
-        width = max(int(lengths.max()), 1)
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.k.device)
+    def gather(self, slots: Sequence[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                    torch.Tensor, torch.Tensor]:
+        """Per-layer (k, v) [n, kv_heads, longest, head_dim], lengths [n] and anchor positions [n]."""
+        lengths = [self.lengths[s] for s in slots]
+        width = max(max(lengths), 1)
+        device = self.k.device
+        index = torch.tensor(list(slots), dtype=torch.long, device=device)
         kv = [(self.k[layer, index, :, :width], self.v[layer, index, :, :width])
               for layer in range(self.k.shape[0])]
-        return kv, lengths.to(self.k.device)
+        anchors = torch.tensor([self.end(s) for s in slots], dtype=torch.long, device=device)
+        return kv, torch.tensor(lengths, dtype=torch.long, device=device), anchors
+
+    def anchor_state(self, slots: Sequence[int]) -> torch.Tensor:
+        """[n, 1, hidden]: fused state of each slot's last cached position."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.last_state.device)
+        return self.last_state[index][:, None]
 
 
 class ConditionedDrafter:
@@ -143,11 +178,12 @@ class ConditionedDrafter:
         model = self.model
         device = model.fc.weight.device
         n = len(slots)
-        kv, lengths = cache.gather(slots)
+        kv, lengths, anchor_positions = cache.gather(slots)
+        anchor_state = cache.anchor_state(slots)
         width = kv[0][0].shape[2]
         block = k + 1
         offsets = torch.arange(block, device=device)
-        positions = lengths[:, None] + offsets  # the anchor sits right after the cached context
+        positions = anchor_positions[:, None] + offsets  # the anchor follows the cached context
         ctx_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [n, width]
         mask = torch.cat([ctx_mask[:, None, :].expand(n, block, width),
                           torch.ones(n, block, block, dtype=torch.bool, device=device)], dim=-1)
@@ -172,7 +208,8 @@ class ConditionedDrafter:
             todo &= ~revealed
             if not bool(todo.any()):
                 continue
-            hidden = model.block_hidden(ids, revealed, positions, kv, mask)[:, 1 + lo:1 + hi]
+            hidden = model.block_hidden(ids, revealed, positions, kv, mask,
+                                        anchor_state)[:, 1 + lo:1 + hi]
             logits = model.draft_logits(hidden).float()  # [n, width_s, Vd]
             probs = torch.softmax(logits / safe_t[:, None, None], dim=-1)
             noise = _exponential(generator, probs.shape, device)

@@ -97,7 +97,7 @@ def speculative_generate(target, drafter, input_ids: Sequence[Sequence[int]], ma
     # A target-conditioned drafter reads the target's layer outputs: they come with every target
     # forward (output_hidden_states) and only the new positions enter its context cache.
     conditioned = bool(getattr(drafter, "needs_target_features", False))
-    context_cache = drafter.new_cache(len(contexts), context_length) if conditioned else None
+    context_cache = drafter.new_cache(len(input_ids), context_length) if conditioned else None
     if draft_temperature is None:
         draft_temperature = temperature
     stats = GenerationStats(acceptance_histogram=[0] * (num_draft + 1))

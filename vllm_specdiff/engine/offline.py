@@ -14,43 +14,64 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-METHODS = ("none", "draft_model", "specdiff")
+METHODS = ("none", "ngram", "draft_model", "dflash", "specdiff")
+PEERS = ("ngram", "draft_model", "dflash")  # what vLLM itself ships
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """One engine: no speculation, vLLM's draft_model speculator, or specdiff."""
+    """One engine: no speculation, one of vLLM's speculators (ngram, draft_model, dflash), or
+    specdiff (standalone SEDD or conditioned drafter; `options` = extra specdiff keys such as
+    adaptive, lookup, draft_policy, as (key, value) pairs)."""
 
     method: str
     drafter: str | None = None
     num_draft_tokens: int = 0
     num_steps: int | None = None
     window: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} unknown: choose one of {METHODS}")
-        if self.method != "none" and (not self.drafter or self.num_draft_tokens < 1):
-            raise ValueError(f"method {self.method!r} needs a drafter and num_draft_tokens >= 1")
+        if self.method != "none" and self.num_draft_tokens < 1:
+            raise ValueError(f"method {self.method!r} needs num_draft_tokens >= 1")
+        if self.method not in ("none", "ngram") and not self.drafter:
+            raise ValueError(f"method {self.method!r} needs a drafter")
+
+    @property
+    def kind(self) -> str:
+        """specdiff's drafter kind (conditioned / sedd), else the method."""
+        if self.method != "specdiff":
+            return self.method
+        from ..models.conditioned_checkpoint import is_conditioned_checkpoint
+
+        return "conditioned" if is_conditioned_checkpoint(self.drafter) else "sedd"
 
     @property
     def label(self) -> str:
         if self.method == "none":
             return "no speculation"
-        if self.method == "draft_model":
-            return f"draft_model k={self.num_draft_tokens}"
-        return f"specdiff k={self.num_draft_tokens} T={self.num_steps}"
+        if self.method != "specdiff":
+            return f"{self.method} k={self.num_draft_tokens}"
+        options = dict(self.options)
+        flags = "".join(f" {name[0]}" for name in ("adaptive", "lookup") if options.get(name))
+        return f"specdiff-{self.kind} k={self.num_draft_tokens} T={self.num_steps}{flags}"
 
     def speculative_config(self) -> dict[str, Any] | None:
         if self.method == "none":
             return None
-        config: dict[str, Any] = {"method": self.method, "model": self.drafter,
-                                  "num_speculative_tokens": self.num_draft_tokens}
+        config: dict[str, Any] = {"method": self.method, "num_speculative_tokens": self.num_draft_tokens}
+        if self.drafter:
+            config["model"] = self.drafter
         if self.method == "draft_model":
             config["draft_sample_method"] = "probabilistic"
-        else:
+        elif self.method == "ngram":
+            config.update(prompt_lookup_max=4, prompt_lookup_min=2)
+        elif self.method == "specdiff":
             config.update({k: v for k, v in (("num_steps", self.num_steps), ("window", self.window))
                            if v is not None})
+            config.update(dict(self.options))
         return config
 
 
@@ -126,7 +147,9 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
             counters = _delta(spec_counters(llm.get_metrics()), before)
             k = spec.num_draft_tokens
             results.append({
-                "method": spec.method, "label": spec.label, "drafter": spec.drafter,
+                "method": spec.method, "kind": spec.kind, "label": spec.label, "drafter": spec.drafter,
+                "options": dict(spec.options),
+                "runner": {"model_runner": "v1", "async_scheduling": False, "enforce_eager": True},
                 "num_draft_tokens": k, "num_steps": spec.num_steps, "window": spec.window,
                 "batch": batch, "temperature": temperature, "dtype": dtype,
                 "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
@@ -177,23 +200,30 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
     draft_model = {key: max([r["tokens_per_s"] for r in ok if r["method"] == "draft_model"
                              and r.get("runner", "v1") == "v1" and (r["temperature"], r["batch"]) == key],
                             default=None) for key in keys}
+    best_peer = {key: max([(r["tokens_per_s"], r["label"]) for r in ok if r["method"] in PEERS
+                           and (r["temperature"], r["batch"]) == key], default=None) for key in keys}
     for r in results:
         key = (r.get("temperature"), r.get("batch"))
         tps = r.get("tokens_per_s")
         r["speedup"] = tps / plain[key] if tps and plain.get(key) else None
         r["speedup_vs_draft_model"] = tps / draft_model[key] if tps and draft_model.get(key) else None
+        peer = best_peer.get(key)
+        r["best_peer"] = peer[1] if peer else None
+        r["speedup_vs_best_peer"] = tps / peer[0] if tps and peer else None
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    header = (f"{'method':<24} {'temp':>4} {'batch':>5} {'tok/s':>8} {'accept len':>10} "
-              f"{'vs none':>8} {'vs draft_model':>14}")
+    header = (f"{'method':<34} {'temp':>4} {'batch':>5} {'tok/s':>8} {'accept len':>10} "
+              f"{'vs none':>8} {'vs draft_model':>14} {'vs best peer':>12}")
     lines = [header, "-" * len(header)]
-    for r in sorted(results, key=lambda r: (r["temperature"], r["batch"], METHODS.index(r["method"]))):
+    for r in sorted(results, key=lambda r: (r["temperature"], r["batch"], METHODS.index(r["method"]),
+                                            r["label"])):
         accept = f"{r['mean_acceptance_length']:.2f}" if r["mean_acceptance_length"] else "-"
         vs_none = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         vs_dm = f"{r['speedup_vs_draft_model']:.2f}x" if r.get("speedup_vs_draft_model") else "-"
-        lines.append(f"{r['label']:<24} {r['temperature']:>4g} {r['batch']:>5} "
-                     f"{r['tokens_per_s']:>8.1f} {accept:>10} {vs_none:>8} {vs_dm:>14}")
+        vs_peer = f"{r['speedup_vs_best_peer']:.2f}x" if r.get("speedup_vs_best_peer") else "-"
+        lines.append(f"{r['label']:<34} {r['temperature']:>4g} {r['batch']:>5} "
+                     f"{r['tokens_per_s']:>8.1f} {accept:>10} {vs_none:>8} {vs_dm:>14} {vs_peer:>12}")
     return "\n".join(lines)
 
 

@@ -44,6 +44,10 @@ class ConditionedConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     draft_vocab_size: int | None = None  # None: the full target vocabulary
+    # Add a projection of the fused state of the last context position (the one right before the
+    # anchor) to every block slot's input: a direct path to the target's freshest state (as EAGLE
+    # feeds it), on top of the context keys/values (as DFlash does).
+    anchor_feature: bool = True
     tokenizer_fingerprint: str = ""
     target_name: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -62,6 +66,8 @@ class ConditionedConfig:
                             f"{self.num_kv_heads}")
         if not self.target_layer_ids:
             problems.append("target_layer_ids is empty: the drafter needs at least one target layer")
+        if len(set(self.target_layer_ids)) != len(self.target_layer_ids):
+            problems.append(f"target_layer_ids {list(self.target_layer_ids)} repeat a layer")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.target_num_layers]
         if bad:
             problems.append(f"target_layer_ids {bad} outside [0, {self.target_num_layers})")
@@ -95,7 +101,12 @@ def build_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:
     """DFlash's choice: one id -> the middle layer; else spread from layer 1 to L - 3."""
     if num_ids == 1:
         return [num_target_layers // 2]
+    if num_ids > num_target_layers - 1:
+        raise ValueError(f"{num_ids} target layers requested from a {num_target_layers}-layer target: "
+                         f"at most {num_target_layers - 1} (the last layer's output is post-norm)")
     start, end = 1, num_target_layers - 3
+    if end - start + 1 < num_ids:  # shallow targets: spread over every layer but the last
+        start, end = 0, num_target_layers - 2
     return [round(start + (end - start) * i / (num_ids - 1)) for i in range(num_ids)]
 
 
@@ -204,6 +215,8 @@ class ConditionedDenoiser(nn.Module):
         self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        if config.anchor_feature:
+            self.anchor_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         draft_vocab = torch.arange(config.draft_vocab_size or config.vocab_size, dtype=torch.long)
         self.register_buffer("draft_vocab", draft_vocab)  # [draft_vocab] target token ids
         self.embed_weight: torch.Tensor | None = None
@@ -256,7 +269,10 @@ class ConditionedDenoiser(nn.Module):
                            positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """features [n, ctx, feature_size], positions [n, ctx] -> per layer (k, v)
         [n, kv_heads, ctx, head_dim]: what the context cache stores."""
-        fused = self.fuse(features)
+        return self.fused_key_values(self.fuse(features), positions)
+
+    def fused_key_values(self, fused: torch.Tensor,
+                         positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, fused.dtype)
         return [layer.self_attn.key_value(fused, cos, sin) for layer in self.layers]
 
@@ -271,12 +287,19 @@ class ConditionedDenoiser(nn.Module):
 
     def block_hidden(self, token_ids: torch.Tensor, revealed: torch.Tensor, positions: torch.Tensor,
                      context_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, anchor_state: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [n, block, hidden] of the block rows.
 
-        positions [n, block] absolute; mask [n, 1, block, ctx + block] (True = attend).
+        positions [n, block] absolute; mask [n, 1, block, ctx + block] (True = attend);
+        anchor_state [n, block or 1, hidden]: the fused state of the position before each row's
+        anchor (config.anchor_feature; zeros when the context is empty).
         """
         x = self.embed_block(token_ids, revealed)
+        if self.config.anchor_feature:
+            if anchor_state is None:
+                raise ValueError("this drafter adds the last context state to the block: pass "
+                                 "anchor_state")
+            x = x + self.anchor_proj(anchor_state.to(x.dtype))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer, (k, v) in zip(self.layers, context_kv):
             x = layer(x, cos, sin, k, v, mask)

@@ -107,7 +107,7 @@ def _head_inputs(model, perturbed: torch.Tensor, sigma_bar: torch.Tensor, rows: 
     equality with SEDD.forward); the head is position-wise, so running it only where the loss
     needs it is exact. Returns [num, hidden].
     """
-    from vllm_specdiff.model import _modulate
+    from vllm_specdiff.models.sedd import _modulate
 
     x, cond = model.trunk(perturbed, sigma_bar)  # [batch, length, hidden], [batch, cond_dim]
     head = model.output_layer
@@ -546,7 +546,7 @@ def train_sedd(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str |
     embeddings and the corpus unigram (`init_sedd_from_target`).
     Returns the result and the exported model (in `export_dtype`).
     """
-    from vllm_specdiff.model import SEDD, SEDDConfig
+    from vllm_specdiff.models.sedd import SEDD, SEDDConfig
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -607,7 +607,7 @@ def train_sedd(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str |
         save_checkpoint=save_checkpoint, start_step=start_step, optimizer_state=optimizer_state,
         state_path=state_path)
 
-    from vllm_specdiff.checkpoint import config_to_dict
+    from vllm_specdiff.models.sedd_checkpoint import config_to_dict
 
     exported = SEDD(export.config)  # keeps config.dropout: the exported config.json records it
     exported.load_state_dict(export.state_dict())
@@ -722,8 +722,10 @@ def train_ar(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str | o
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `vllm-specdiff train` (defaults = the shipped SEDD drafter's command)."""
-    parser.add_argument("--kind", choices=("sedd", "ar"), default="sedd",
-                        help="drafter to train: SEDD diffusion drafter or the autoregressive baseline")
+    parser.add_argument("--kind", choices=("sedd", "ar", "conditioned"), default="sedd",
+                        help="drafter to train: SEDD diffusion drafter, the autoregressive baseline, "
+                             "or the target-conditioned block denoiser (own options: "
+                             "`vllm-specdiff train --kind conditioned --help`)")
     parser.add_argument("--out", required=True, help="export folder (weights, config, tokenizer)")
     parser.add_argument("--work-dir", default=None,
                         help="checkpoints and resumable state (default: .<out>-work next to --out)")
@@ -807,7 +809,7 @@ def run_train(args: argparse.Namespace) -> TrainResult:
     export_dtype = getattr(torch, args.export_dtype)
     t0 = time.time()
     if args.kind == "sedd":
-        from vllm_specdiff.model import SEDDConfig
+        from vllm_specdiff.models.sedd import SEDDConfig
 
         if args.init and args.dropout is not None:
             raise ValueError("--dropout sets the dropout of a model trained from scratch; an --init "

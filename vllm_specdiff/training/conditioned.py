@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_specdiff.data.target_features import (FeatureStore, build_feature_store,
-                                                generate_continuations, load_feature_store)
+                                                generate_continuations_isolated,
+                                                load_feature_store)
 from vllm_specdiff.models.conditioned import (ConditionedConfig, ConditionedDenoiser,
                                               build_target_layer_ids, init_from_target_layer,
                                               init_weights)
@@ -87,13 +88,21 @@ def make_blocks(features: torch.Tensor, token_ids: torch.Tensor, anchors: torch.
                       block_positions=positions.flatten(1), mask=mask, anchors=anchors)
 
 
-def block_hidden(model: ConditionedDenoiser, batch: BlockBatch,
-                 block_ids: torch.Tensor | None = None,
-                 revealed: torch.Tensor | None = None) -> torch.Tensor:
-    context_kv = model.context_key_values(batch.features, batch.context_positions)
-    return model.block_hidden(batch.block_ids if block_ids is None else block_ids,
-                              batch.revealed if revealed is None else revealed,
-                              batch.block_positions, context_kv, batch.mask)
+def block_context(model: ConditionedDenoiser, batch: BlockBatch):
+    """Context keys/values of every sequence and each block row's anchor_state (the fused state
+    of the position right before its anchor) [n, A * B, hidden]."""
+    fused = model.fuse(batch.features)  # [n, S, H]
+    context_kv = model.fused_key_values(fused, batch.context_positions)
+    block = batch.block_ids.shape[1] // batch.anchors.shape[1]
+    before = (batch.anchors - 1).repeat_interleave(block, dim=1)  # [n, A * B]
+    anchor_state = fused.gather(1, before[..., None].expand(-1, -1, fused.shape[-1]))
+    return context_kv, anchor_state
+
+
+def block_hidden(model: ConditionedDenoiser, batch: BlockBatch) -> torch.Tensor:
+    context_kv, anchor_state = block_context(model, batch)
+    return model.block_hidden(batch.block_ids, batch.revealed, batch.block_positions, context_kv,
+                              batch.mask, anchor_state)
 
 
 def vocab_index(draft_vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -161,12 +170,13 @@ def simulated_acceptance(model: ConditionedDenoiser, store: FeatureStore, num_dr
         n = part.num_sequences
         anchors = anchor_set[None].expand(n, -1).contiguous()
         batch = make_blocks(part.features.float(), part.token_ids, anchors, block)
-        context_kv = model.context_key_values(batch.features, batch.context_positions)
+        context_kv, anchor_state = block_context(model, batch)
         ids = batch.block_ids.clone()
         revealed = batch.revealed.clone()
         slot = torch.arange(block).repeat(anchors.shape[1])[None].expand(n, -1)
         for lo, hi in chunks:
-            hidden = model.block_hidden(ids, revealed, batch.block_positions, context_kv, batch.mask)
+            hidden = model.block_hidden(ids, revealed, batch.block_positions, context_kv, batch.mask,
+                                        anchor_state)
             pick = (slot >= lo) & (slot < hi)
             tokens = model.draft_vocab[model.draft_logits(hidden).argmax(-1)]
             ids = torch.where(pick, tokens, ids)
@@ -205,12 +215,12 @@ class ConditionedTrainConfig:
     num_target_layers: int = 3
     draft_vocab_size: int = 8192
     init_layer: int | None = -1  # target layer to start from (-1: the last); None: random init
-    greedy_prompts: int = 384
-    sampled_prompts: int = 192
-    real_windows: int = 192
+    greedy_prompts: int = 160
+    sampled_prompts: int = 64
+    real_windows: int = 128
     heldout_prompts: int = 24
     prompt_tokens: int = 64
-    new_tokens: int = 192
+    new_tokens: int = 128
     top_k: int = 32
     seqs_per_step: int = 4
     anchors_per_seq: int = 24
@@ -307,14 +317,14 @@ def training_sequences(tokenizer, target_dir: Path, cfg: ConditionedTrainConfig,
             prompts.append(ids[:cfg.prompt_tokens])
         if len(prompts) == cfg.greedy_prompts + cfg.sampled_prompts:
             break
-    greedy = generate_continuations(target_dir, prompts[:cfg.greedy_prompts], [0.0], cfg.new_tokens,
+    greedy = generate_continuations_isolated(target_dir, prompts[:cfg.greedy_prompts], [0.0], cfg.new_tokens,
                                     work / "continuations-train-greedy.jsonl", seed=cfg.seed,
                                     dtype=cfg.gen_dtype)
-    sampled = generate_continuations(target_dir, prompts[cfg.greedy_prompts:], [1.0], cfg.new_tokens,
+    sampled = generate_continuations_isolated(target_dir, prompts[cfg.greedy_prompts:], [1.0], cfg.new_tokens,
                                      work / "continuations-train-t1.jsonl", seed=cfg.seed,
                                      dtype=cfg.gen_dtype)
     heldout_prompts = data_lib.heldout_prompts(tokenizer, cfg.heldout_prompts, cfg.prompt_tokens)
-    heldout = generate_continuations(target_dir, heldout_prompts, [0.0], cfg.new_tokens,
+    heldout = generate_continuations_isolated(target_dir, heldout_prompts, [0.0], cfg.new_tokens,
                                      work / "continuations-heldout-greedy.jsonl", seed=cfg.seed,
                                      dtype=cfg.gen_dtype)
     sep = data_lib.separator_token_id(tokenizer)
@@ -337,8 +347,7 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
 
     from vllm_specdiff.assets import prepare_target
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     target_dir = Path(cfg.target) if cfg.target else prepare_target(dtype="float32")
     out = Path(cfg.out)

@@ -19,6 +19,17 @@ Keys of the speculative config (vLLM's names where vLLM has one):
                            the exact choice for each order, shared/docs/lossless.md)
     drafter_dtype          "auto" (float32 on CPU, where bf16 matmuls are ~2x slower for the small
                            drafter; the target's dtype elsewhere) | "float32" | "bfloat16" | "float16"
+                           | "autocast_bfloat16" (float32 weights under bf16 autocast: the reference
+                           SEDD code's GPU recipe; standalone SEDD drafters only)
+    draft_policy           conditioned drafters at temperature > 0: "sampled" (drafts sampled from
+                           the drafter's law, verified with full q) | "argmax" (argmax drafts,
+                           verified one-hot) | "auto" (the better one measured per num_steps, k:
+                           AUTO_DRAFT_POLICY). Both are exact; temperature 0 is always argmax.
+    adaptive               true (default): per step and request, draft only the tokens that pay
+                           (drafting.adaptive: acceptance so far x measured step costs, down to 0);
+                           false: always num_speculative_tokens
+    lookup                 true (default): conditioned drafters take prompt-lookup continuations
+                           of the context as revealed block positions (drafting.lookup); false: off
     seed                   base seed of the drafter's per-step generators (default: the engine seed)
     log_every              log drafter time every N engine steps (0 = never)
 """
@@ -44,7 +55,8 @@ VERIFIERS = ("auto", "specdiff", "vllm")
 #         results/rejection-cuda.jsonl); vLLM's GPU sampler not timed (no vLLM on that machine).
 DEFAULT_VERIFIER = {"cpu": "vllm", "cuda": "specdiff"}
 DRAFT_PROBS_MODES = ("auto", "full", "one_hot")
-DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16", "autocast_bfloat16")
+DRAFT_POLICIES = ("auto", "sampled", "argmax")
 
 # speculative-config key -> (SpecDiffConfig field, CLI flag that sets it)
 KEYS: dict[str, tuple[str, str]] = {
@@ -57,12 +69,16 @@ KEYS: dict[str, tuple[str, str]] = {
     "verifier": ("verifier", "--specdiff-verifier"),
     "draft_probs": ("draft_probs", "--specdiff-draft-probs"),
     "drafter_dtype": ("drafter_dtype", "--specdiff-drafter-dtype"),
+    "draft_policy": ("draft_policy", "--specdiff-draft-policy"),
+    "adaptive": ("adaptive", "--specdiff-adaptive"),
+    "lookup": ("lookup", "--specdiff-lookup"),
     "seed": ("seed", "--specdiff-seed"),
     "log_every": ("log_every", "--specdiff-log-every"),
 }
 # Our keys that vLLM's SpeculativeConfig does not know (they must never reach it).
 SPECDIFF_ONLY_KEYS = ("num_steps", "window", "order", "draft_temperature", "verifier", "draft_probs",
-                      "drafter_dtype", "seed", "log_every")
+                      "drafter_dtype", "draft_policy", "adaptive", "lookup", "seed",
+                      "log_every")
 
 
 def _flag(field: str) -> str:
@@ -92,6 +108,9 @@ class SpecDiffConfig:
     verifier: str = "auto"
     draft_probs: str = "auto"
     drafter_dtype: str = "auto"
+    draft_policy: str = "auto"
+    adaptive: bool = True
+    lookup: bool = True
     seed: int | None = None
     log_every: int = 200
 
@@ -126,6 +145,13 @@ class SpecDiffConfig:
         if self.drafter_dtype not in DRAFTER_DTYPES:
             raise ValueError(f"specdiff: {_flag('drafter_dtype')} must be one of {DRAFTER_DTYPES}, "
                              f"got {self.drafter_dtype!r}")
+        for name in ("adaptive", "lookup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"specdiff: {_flag(name)} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+        if self.draft_policy not in DRAFT_POLICIES:
+            raise ValueError(f"specdiff: {_flag('draft_policy')} must be one of {DRAFT_POLICIES}, "
+                             f"got {self.draft_policy!r}")
         if self.draft_temperature is not None:
             if isinstance(self.draft_temperature, bool) or not isinstance(self.draft_temperature,
                                                                           (int, float)):
@@ -142,7 +168,11 @@ class SpecDiffConfig:
 
     # ---- derived values ----
     def verifier_for(self, device_type: str) -> str:
-        """The rejection sampler to run on a device ("auto" -> DEFAULT_VERIFIER, else vLLM's)."""
+        """The rejection sampler to run on a device ("auto" -> DEFAULT_VERIFIER, else vLLM's).
+
+        "auto" never reaches a worker where vLLM's sampler is known to fail: at startup,
+        patches.choose_verifier turns it into "specdiff" there (and refuses an explicit "vllm").
+        """
         if self.verifier != "auto":
             return self.verifier
         return DEFAULT_VERIFIER.get(device_type, "vllm")
@@ -155,9 +185,24 @@ class SpecDiffConfig:
         """
         import torch
 
+        if self.drafter_dtype == "autocast_bfloat16":
+            return torch.float32  # float32 weights, bf16 compute: the reference SEDD GPU recipe
         if self.drafter_dtype != "auto":
             return getattr(torch, self.drafter_dtype)
         return torch.float32 if device_type == "cpu" else target_dtype
+
+    @property
+    def autocast_dtype(self) -> "torch.dtype | None":
+        """bf16 autocast over float32 weights for drafter_dtype 'autocast_bfloat16', else None."""
+        import torch
+
+        return torch.bfloat16 if self.drafter_dtype == "autocast_bfloat16" else None
+
+    def policy_for(self, num_steps: int, num_draft_tokens: int) -> str:
+        """The conditioned drafter's policy at temperature > 0 ('auto' -> auto_draft_policy)."""
+        if self.draft_policy != "auto":
+            return self.draft_policy
+        return auto_draft_policy(num_steps, num_draft_tokens)
 
     @property
     def use_full_draft_probs(self) -> bool:
@@ -211,6 +256,14 @@ class SpecDiffConfig:
                 "--speculative-method specdiff or speculative_config={'method': 'specdiff', ...}), "
                 "not as a bare custom_class")
         return cls.from_dict(raw)
+
+
+def auto_draft_policy(num_steps: int, num_draft_tokens: int) -> str:
+    """Draft policy 'auto' for the conditioned drafter at temperature > 0. Parallel marginals sampled
+    independently make incoherent blocks (DFlash: 1.16 vs ~3 tokens/round argmax at T = 1), so
+    one-step blocks draft argmax; when every step unmasks one position (num_steps = k) each draft is
+    conditioned on the earlier ones and sampling with full q pays."""
+    return "sampled" if num_steps >= num_draft_tokens > 1 else "argmax"
 
 
 def split_speculative_dict(spec: Mapping[str, Any],

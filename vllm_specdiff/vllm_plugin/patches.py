@@ -14,16 +14,26 @@ Process-wide (from `register()`, in every vLLM process):
      output, so per-token temperature/top-k/top-p are never written and non-greedy speculative
      decoding samples with garbage on CPU, for every method. Replaced by a torch implementation
      when the installed one is probed to be broken.
+  5. `vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_only` (CPU top-k path): it reduces
+     `k.max()` over the batch, which raises on an empty batch. vLLM builds spec-decode metadata on
+     EVERY step of a speculative engine, also on steps where no request has drafts, and the
+     rejection sampler then applies top-k to zero rows: one request with top_k kills the engine
+     (vLLM's own ngram/draft_model methods too). Guarded (empty in, empty out) when the installed
+     function is probed to fail on an empty batch. No vLLM report found; vllm-ascend fixed the
+     same empty-batch crash in its copy of this code (vllm-project/vllm-ascend#7280).
 Worker-only (installed by the proposer, i.e. only in engines that run specdiff):
-  5. `GPUModelRunner.propose_draft_token_ids` (inherited by the CPU runner): hands our proposer the
+  6. `GPUModelRunner.propose_draft_token_ids` (inherited by the CPU runner): hands our proposer the
      per-row sampling temperatures and generators before drafting, and afterwards stores its draft
      probabilities where the runner feeds them to the rejection sampler (`_draft_probs` /
      `_draft_prob_req_ids`; the runner fills them only for eagle/draft_model drafters).
-  6. `runner.rejection_sampler` (an instance attribute, not a class patch): our verifier, unless
+  7. `runner.rejection_sampler` (an instance attribute, not a class patch): our verifier, unless
      `verifier = "vllm"`.
+Startup errors (API process): `sys.excepthook` prints a specdiff configuration error as one line
+naming the problem and the fix (VLLM_SPECDIFF_TRACEBACK=1 keeps the traceback).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.util
@@ -43,6 +53,8 @@ SUPPORTED_VLLM = ("0.32", "0.33")
 FORCE_ENV = "VLLM_SPECDIFF_SKIP_VERSION_CHECK"
 PATCH_MARK = "__specdiff_patch__"
 EXPAND_KERNEL_NAME = "vllm.v1.sample.rejection_sampler.expand_kernel"
+TOP_K_MODULE = "vllm.v1.sample.ops.topk_topp_sampler"
+TRACEBACK_ENV = "VLLM_SPECDIFF_TRACEBACK"
 
 # --specdiff-* flag -> (speculative-config key, type, choices)
 CLI_OPTIONS: dict[str, tuple[str, type, tuple[str, ...] | None, str]] = {
@@ -64,13 +76,33 @@ CLI_OPTIONS: dict[str, tuple[str, type, tuple[str, ...] | None, str]] = {
     "--specdiff-draft-probs": ("draft_probs", str, ("auto", "full", "one_hot"),
                                "Verify with the recorded draft distribution (full) or one-hot; "
                                "auto = exact choice for the order."),
-    "--specdiff-drafter-dtype": ("drafter_dtype", str, ("auto", "float32", "bfloat16", "float16"),
+    "--specdiff-drafter-dtype": ("drafter_dtype", str, ("auto", "float32", "bfloat16", "float16",
+                                                        "autocast_bfloat16"),
                                  "Drafter weights' dtype (default auto: float32 on CPU, the "
-                                 "target's dtype elsewhere)."),
+                                 "target's dtype elsewhere); autocast_bfloat16 = the reference SEDD "
+                                 "GPU recipe (float32 weights, bf16 compute)."),
+    "--specdiff-draft-policy": ("draft_policy", str, ("auto", "sampled", "argmax"),
+                                "Conditioned drafters at temperature > 0: sampled drafts with full "
+                                "q, or argmax drafts verified one-hot (auto: measured per steps, k)."),
+    "--specdiff-lookup": ("lookup", lambda v: _parse_bool("--specdiff-lookup", v), None,
+                          "true (default) / false: conditioned drafters reveal prompt-lookup "
+                          "continuations in the block (exact: one-hot q)."),
+    "--specdiff-adaptive": ("adaptive", lambda v: _parse_bool("--specdiff-adaptive", v), None,
+                            "true (default) / false: draft per step and request only the tokens "
+                            "that pay (acceptance x measured step cost, down to 0)."),
     "--specdiff-seed": ("seed", int, None, "Base seed of the drafter (default: the engine seed)."),
     "--specdiff-log-every": ("log_every", int, None,
                              "Log drafter time every N engine steps (0 = never; default 200)."),
 }
+
+def _parse_bool(flag: str, value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{flag} takes true or false, got {value!r}")
+
 
 # name -> one-line description of each installed patch (for logs and tests).
 INSTALLED: dict[str, str] = {}
@@ -82,6 +114,10 @@ ORIGINAL_EXPAND_IMPL: Callable | None = None
 
 class UnsupportedVLLMError(RuntimeError):
     """The installed vLLM lacks what a patch relies on."""
+
+
+class SpecDiffConfigError(ValueError):
+    """A specdiff setting is invalid; the message names the setting and the fix (one line)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,16 +171,20 @@ def _mark(func: Callable) -> Callable:
 # Entry from register()
 # ---------------------------------------------------------------------------------------------------
 def install_process_patches() -> None:
-    """Patches 1-4. Never raises: an unsupported vLLM keeps working, only specdiff is refused.
+    """Patches 1-5 and the startup-error hook. Never raises: an unsupported vLLM keeps working,
+    only specdiff is refused.
 
     The EngineArgs patches wait for `vllm.engine.arg_utils` to be imported: vLLM's API process has
-    imported it before it loads plugins, while importing it in every worker would cost seconds.
+    imported it before it loads plugins, while importing it in every worker would cost seconds. The
+    top-k guard likewise waits for vLLM's sampler module.
     """
     try:
         install_cpu_expand_fix()
     except Exception:  # the fix is best effort; never break vLLM from a plugin hook
         logger.exception("vllm-specdiff: could not install the CPU expand-kernel fix")
+    when_imported(TOP_K_MODULE, install_empty_top_k_fix)
     when_imported("vllm.engine.arg_utils", install_engine_patches)
+    install_startup_error_hook()
 
 
 def install_engine_patches() -> None:
@@ -248,7 +288,8 @@ def patch_engine_args() -> None:
         @functools.wraps(original_from_cli)
         def patched_from_cli_args(cls, args):
             engine_args = original_from_cli(cls, args)
-            merge_cli_options(engine_args, args)
+            with _config_errors():
+                merge_cli_options(engine_args, args)
             return engine_args
 
         EngineArgs.from_cli_args = classmethod(_mark(patched_from_cli_args))
@@ -257,7 +298,8 @@ def patch_engine_args() -> None:
     if not _is_patched(create_spec):
         @functools.wraps(create_spec)
         def patched_create_speculative_config(self, target_model_config, target_parallel_config):
-            translate_engine_args(self, target_model_config)
+            with _config_errors():
+                translate_engine_args(self, target_model_config)
             return create_spec(self, target_model_config, target_parallel_config)
 
         EngineArgs.create_speculative_config = _mark(patched_create_speculative_config)
@@ -335,12 +377,17 @@ def translate_engine_args(engine_args, target_model_config) -> SpecDiffConfig | 
         spec[key] = value
     passthrough_keys = _speculative_config_fields() - {"method", "model", "num_speculative_tokens"}
     options, passthrough = split_speculative_dict(spec, passthrough_keys)
-    folder, sedd_config = inspect_drafter(options.drafter)
     requested = options.drafter
-    options = options.resolve(sedd_config.length, drafter=str(folder))
-    check_vocab(folder, sedd_config.tokens, target_model_config.get_vocab_size(),
-                None if target_model_config.skip_tokenizer_init else target_model_config.tokenizer,
-                trust_remote_code=target_model_config.trust_remote_code, drafter_name=requested)
+    conditioned = inspect_conditioned_drafter(options, target_model_config)
+    if conditioned is not None:
+        options = conditioned
+    else:
+        folder, sedd_config = inspect_drafter(options.drafter)
+        options = options.resolve(sedd_config.length, drafter=str(folder))
+        check_vocab(folder, sedd_config.tokens, target_model_config.get_vocab_size(),
+                    None if target_model_config.skip_tokenizer_init else target_model_config.tokenizer,
+                    trust_remote_code=target_model_config.trust_remote_code, drafter_name=requested)
+    options = choose_verifier(options, passthrough.get("rejection_sample_method") or "standard")
     if not options.is_exact:
         logger.warning("specdiff: order 'random' verified with the recorded draft probabilities is "
                        "APPROXIMATE (the output law differs slightly from the target's; "
@@ -352,11 +399,167 @@ def translate_engine_args(engine_args, target_model_config) -> SpecDiffConfig | 
                                       "num_speculative_tokens": options.num_draft_tokens}
     engine_args.additional_config = {**(engine_args.additional_config or {}),
                                      ADDITIONAL_CONFIG_KEY: options.to_dict()}
-    logger.info("specdiff: drafter %s (%s), %d draft tokens, %d steps, window %d, order %s, "
-                "draft probs %s, verifier %s", requested, folder, options.num_draft_tokens,
+    logger.info("specdiff: drafter %s (%s), %d draft tokens, %d steps, window %s, order %s, "
+                "draft probs %s, verifier %s", requested, options.drafter, options.num_draft_tokens,
                 options.num_steps, options.window, options.order,
                 "full" if options.use_full_draft_probs else "one-hot", options.verifier)
     return options
+
+
+def inspect_conditioned_drafter(options: SpecDiffConfig, target_model_config) -> SpecDiffConfig | None:
+    """Startup checks of a target-conditioned drafter (None when the drafter is a SEDD checkpoint):
+    readable config, weights matching it, the target's vocabulary / hidden size / layers, the
+    tokenizer fingerprint, and num_speculative_tokens within the trained block."""
+    import dataclasses
+    from pathlib import Path
+
+    from ..models.conditioned_checkpoint import (ConditionedCheckpointError, check_target,
+                                                 is_conditioned_checkpoint, read_conditioned_config,
+                                                 tokenizer_fingerprint)
+
+    folder = Path(options.drafter).expanduser()
+    if not (folder.is_dir() and is_conditioned_checkpoint(folder)):
+        return None
+    try:
+        config = read_conditioned_config(folder)
+        _check_conditioned_weights(folder, config)
+        fingerprint = None
+        if not target_model_config.skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(
+                target_model_config.tokenizer, trust_remote_code=target_model_config.trust_remote_code))
+        check_target(config, target_model_config.hf_config, fingerprint, drafter_name=str(folder))
+    except ConditionedCheckpointError as err:
+        raise ValueError(f"specdiff: drafter checkpoint {options.drafter!r} (--speculative-model) is "
+                         f"unusable: {err}") from err
+    if options.num_draft_tokens > config.num_draft_tokens:
+        raise ValueError(f"specdiff: num_speculative_tokens {options.num_draft_tokens} exceeds the "
+                         f"{config.num_draft_tokens} draft positions the conditioned drafter "
+                         f"{folder} was trained for: use at most {config.num_draft_tokens}")
+    if options.window is not None or options.order != "left_to_right":
+        raise ValueError("specdiff: window and order apply to standalone SEDD drafters only; the "
+                         "conditioned drafter reads the whole context and drafts left to right")
+    num_steps = 1 if options.num_steps is None else options.num_steps
+    return dataclasses.replace(options, num_steps=num_steps, drafter=str(folder.resolve()))
+
+
+def _check_conditioned_weights(folder, config) -> None:
+    """Tensor names and shapes from the safetensors header (cheap), against the config."""
+    import json
+    import struct
+
+    import torch
+
+    from ..models.conditioned import ConditionedDenoiser
+    from ..models.conditioned_checkpoint import ConditionedCheckpointError
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise ConditionedCheckpointError(f"{folder} has no model.safetensors: the weights are missing")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if 8 + header_len + data_end > size:
+            raise ValueError(f"truncated: {8 + header_len + data_end} bytes promised, {size} present")
+    except Exception as err:
+        raise ConditionedCheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); "
+                                         "the file is corrupt or truncated") from err
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ConditionedDenoiser(config).state_dict().items()}
+    stored = {k: tuple(v["shape"]) for k, v in header.items()}
+    if stored != expected:
+        missing = sorted(set(expected) - set(stored))[:5]
+        unexpected = sorted(set(stored) - set(expected))[:5]
+        shapes = [f"{k}: {stored[k]} vs {v}" for k, v in expected.items()
+                  if k in stored and stored[k] != v][:5]
+        raise ConditionedCheckpointError(f"{path} does not match its config.json: missing {missing}, "
+                                         f"unexpected {unexpected}, shape differences {shapes}")
+
+
+def choose_verifier(options: SpecDiffConfig, rejection_method: str) -> SpecDiffConfig:
+    """Refuse, at startup, a rejection_sample_method that cannot run here; 'auto' never picks
+    vLLM's sampler where it is known to fail (it then picks ours) and an explicit 'vllm' is refused
+    there with the fix."""
+    import dataclasses
+
+    from .sampler import check_rejection_sample_method
+
+    check_rejection_sample_method(rejection_method)
+    if rejection_method == "synthetic" and _cpu_sampler_lacks_synthetic():
+        # Our verifier implements it, but it is bound to the runner at the first drafting step:
+        # the step before (the prompt's, without drafts) runs vLLM's sampler, which asserts.
+        raise SpecDiffConfigError(
+            "specdiff: rejection_sample_method 'synthetic' cannot run on this CPU build: vLLM's C++ "
+            "rejection kernels do not implement it and an engine's first step runs vLLM's sampler "
+            "whichever verifier is chosen. Use rejection_sample_method 'standard' on CPU "
+            "(synthetic runs on CUDA)")
+    if options.verifier == "specdiff":
+        return options
+    problem = vllm_sampler_problem()
+    if problem is None:
+        return options
+    if options.verifier == "vllm":
+        raise SpecDiffConfigError(f"specdiff: --specdiff-verifier vllm cannot run here: {problem}. "
+                                  "Use --specdiff-verifier specdiff (or auto)")
+    logger.info("specdiff: verifier auto -> specdiff: %s", problem)
+    return dataclasses.replace(options, verifier="specdiff")
+
+
+def vllm_sampler_problem() -> str | None:
+    """Why vLLM's own rejection sampler would fail in this installation, or None."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or install_empty_top_k_fix():
+        return None
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    if _top_k_only_is_broken(topk_topp_sampler.apply_top_k_only):
+        return ("vLLM's CPU top-k fails on steps without drafts (empty batch) and the plugin could "
+                "not guard it")
+    return None
+
+
+def _cpu_sampler_lacks_synthetic() -> bool:
+    """vLLM's C++ fallbacks of the rejection kernels (CPU builds without Triton) assert when asked
+    for synthetic mode; probed on empty inputs."""
+    import torch
+
+    try:
+        from vllm.triton_utils import HAS_TRITON
+        from vllm.utils import cpu_triton_utils
+    except ImportError:
+        return False
+    impl = getattr(cpu_triton_utils, "_rejection_greedy_sample_kernel_impl", None)
+    if HAS_TRITON or impl is None:
+        return False
+    empty = torch.empty(0, dtype=torch.int64)
+    try:
+        impl(empty.view(0, 1), empty, empty, empty, empty, None, 0, None, None,
+             SYNTHETIC_MODE=True)
+    except AssertionError:
+        return True
+    except Exception:  # past the assertion (e.g. the C++ ops are not loaded in this process)
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _config_errors():
+    """Re-raise a specdiff ValueError as SpecDiffConfigError (still a ValueError), so that the
+    startup-error hook can print it as one line; the original stays chained for tracebacks."""
+    try:
+        yield
+    except SpecDiffConfigError:
+        raise
+    except ValueError as err:
+        raise SpecDiffConfigError(str(err)) from err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +631,84 @@ def install_cpu_expand_fix() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5-6: the model runner (workers of specdiff engines only)
+# 5: top-k on an empty batch (CPU; same bug class as vllm-project/vllm-ascend#7280)
+# ---------------------------------------------------------------------------------------------------
+def _top_k_only_is_broken(impl: Callable) -> bool:
+    """Probe: True when `apply_top_k_only` fails on an empty batch (zero rows, zero k values)."""
+    import torch
+
+    try:
+        out = impl(torch.empty(0, 4), torch.empty(0, dtype=torch.int64))
+    except Exception:
+        return True
+    return tuple(out.shape) != (0, 4)
+
+
+def guard_empty_batch(apply_top_k_only: Callable) -> Callable:
+    """`apply_top_k_only` that returns an empty batch unchanged (there is nothing to mask)."""
+
+    @functools.wraps(apply_top_k_only)
+    def guarded(logits, k, *args, **kwargs):
+        if logits.shape[0] == 0:
+            return logits
+        return apply_top_k_only(logits, k, *args, **kwargs)
+
+    return _mark(guarded)
+
+
+def install_empty_top_k_fix() -> bool:
+    """Guard vLLM's top-k against empty batches; True when the guard is (now or already) in."""
+    if "empty_top_k_fix" in INSTALLED:
+        return True
+    try:
+        from vllm.v1.sample.ops import topk_topp_sampler
+    except ImportError:
+        return False
+    impl = getattr(topk_topp_sampler, "apply_top_k_only", None)
+    if impl is None or _is_patched(impl) or not _top_k_only_is_broken(impl):
+        return False
+    # apply_top_k_top_p_pytorch looks the function up in its module on every call.
+    topk_topp_sampler.apply_top_k_only = guard_empty_batch(impl)
+    INSTALLED["empty_top_k_fix"] = (f"{TOP_K_MODULE}.apply_top_k_only: an empty batch is returned "
+                                    "unchanged (spec-decode steps without drafts)")
+    logger.info("vllm-specdiff: guarded vLLM's top-k against empty batches: top-k requests no longer "
+                "crash speculative engines on CPU")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Startup errors: one line
+# ---------------------------------------------------------------------------------------------------
+def startup_error_message(exc: BaseException | None) -> str | None:
+    """The message of a specdiff configuration error in `exc` or its causes, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (SpecDiffConfigError, UnsupportedVLLMError)):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_startup_error_hook() -> None:
+    """An uncaught specdiff configuration error (it ends `vllm serve` at startup) prints one line,
+    the problem and its fix; other exceptions, and every one with VLLM_SPECDIFF_TRACEBACK=1, keep
+    Python's traceback."""
+    if _is_patched(sys.excepthook):
+        return
+    previous = sys.excepthook
+
+    def excepthook(exc_type, exc, traceback):
+        message = startup_error_message(exc)
+        if message is None or os.environ.get(TRACEBACK_ENV) == "1":
+            return previous(exc_type, exc, traceback)
+        print(f"error: {message} ({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+
+    sys.excepthook = _mark(excepthook)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6-7: the model runner (workers of specdiff engines only)
 # ---------------------------------------------------------------------------------------------------
 def install_runner_patch() -> None:
     """Wrap GPUModelRunner.propose_draft_token_ids (the CPU runner inherits it)."""
@@ -442,6 +722,8 @@ def install_runner_patch() -> None:
     if _is_patched(original):
         return
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def propose_draft_token_ids(self, *args, **kwargs):
         from .proposer import SpecDiffProposer
@@ -450,6 +732,12 @@ def install_runner_patch() -> None:
         if not isinstance(drafter, SpecDiffProposer):
             return original(self, *args, **kwargs)
         drafter.bind_runner(self)
+        # Request ids, accepted counts, step timing and (conditioned drafters) the target's layer
+        # outputs of the tokens it just processed.
+        bound = signature.bind(self, *args, **kwargs).arguments
+        drafter.observe_step(self, bound["scheduler_output"], bound["sampled_token_ids"],
+                             bound.get("aux_hidden_states"), bound.get("spec_decode_metadata"),
+                             bound.get("common_attn_metadata"))
         batch = self.input_batch
         num_reqs = batch.num_reqs
         temperature_cpu = getattr(batch, "temperature_cpu", None)
@@ -469,7 +757,35 @@ def install_runner_patch() -> None:
 
     GPUModelRunner.propose_draft_token_ids = _mark(propose_draft_token_ids)
     INSTALLED["propose_draft_token_ids"] = ("GPUModelRunner.propose_draft_token_ids: sampling state "
-                                            "in, draft probabilities out")
+                                            "and target states in, draft probabilities out")
+    for param in ("aux_hidden_states", "spec_decode_metadata", "common_attn_metadata"):
+        if param not in signature.parameters:
+            raise UnsupportedVLLMError(
+                f"vllm-specdiff: GPUModelRunner.propose_draft_token_ids of vLLM {vllm_version()} has no "
+                f"parameter {param!r} (supported: {', '.join(SUPPORTED_VLLM)})")
+
+    setup = _require(GPUModelRunner, "_setup_eagle3_aux_hidden_state_outputs", ("self",))
+    if _is_patched(setup):
+        return
+
+    @functools.wraps(setup)
+    def setup_aux_hidden_state_outputs(self):
+        """A conditioned specdiff drafter asks the target for its checkpoint's layers (runs at load
+        time, after drafter.load_model); everything else keeps vLLM's behaviour."""
+        from .proposer import SpecDiffProposer
+
+        drafter = getattr(self, "drafter", None)
+        layers = drafter.aux_layers if isinstance(drafter, SpecDiffProposer) else None
+        if not layers:
+            return setup(self)
+        self.use_aux_hidden_state_outputs = True
+        self.get_model().set_aux_hidden_state_layers(layers)
+        logger.info("specdiff: the target emits the outputs of its layers %s (vLLM aux ids %s) for "
+                    "the conditioned drafter", [i - 1 for i in layers], list(layers))
+
+    GPUModelRunner._setup_eagle3_aux_hidden_state_outputs = _mark(setup_aux_hidden_state_outputs)
+    INSTALLED["aux_hidden_states"] = ("GPUModelRunner._setup_eagle3_aux_hidden_state_outputs: the "
+                                      "conditioned drafter's target layers")
 
 
 def install_rejection_sampler(runner, sampler_cls: type) -> None:

@@ -69,6 +69,22 @@ class SpecDiffProposer:
         seed = self.config.seed if self.config.seed is not None else model_config.seed
         self.seed = int(seed or 0)
         self.drafter = None
+        # Conditioned drafters: engine-side state (context caches) and the target layers they read.
+        self.conditioned = None
+        self.aux_layers: tuple[int, ...] | None = None
+        scheduler_config = getattr(vllm_config, "scheduler_config", None)
+        self.max_num_seqs = int(getattr(scheduler_config, "max_num_seqs", None) or 256)
+        self._req_ids: list[str] = []
+        self.adaptive = None
+        if self.config.adaptive:
+            from ..drafting.adaptive import AdaptiveDraftLength
+
+            # Ranks must draft alike: with tensor parallelism the decision uses only what every rank
+            # sees identically (acceptance), with the cost model's prior instead of wall times.
+            tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size",
+                             1) or 1)
+            self.adaptive = AdaptiveDraftLength(self.num_draft_tokens, timed=tp == 1)
+        self._last_step_time: float | None = None
         self._window_tail = 0
         self._step = 0
         self._runner_bound = False
@@ -83,22 +99,103 @@ class SpecDiffProposer:
 
     # ---- vLLM hooks ----
     def load_model(self, target_model: Any = None) -> None:
-        """Load the SEDD drafter (the target is not needed: the drafter reads token ids only)."""
+        """Load the drafter: a standalone SEDD drafter reads token ids only; a conditioned one also
+        takes the target's embedding and head and asks for the target's layer outputs."""
         from ..drafter import DiffusionDrafter
         from ..model import SEDD
+        from ..models.conditioned_checkpoint import is_conditioned_checkpoint
 
         config = self.config
+        if is_conditioned_checkpoint(config.drafter):
+            self._load_conditioned(target_model)
+            return
         model = SEDD.from_pretrained(config.drafter, device=self.device, dtype=self.dtype)
         if model.config.tokens != self.target_vocab_size:
             raise ValueError(f"specdiff: the drafter has {model.config.tokens} tokens but the target "
                              f"vocab_size is {self.target_vocab_size}")
         self.drafter = DiffusionDrafter(model, num_draft_tokens=self.num_draft_tokens,
                                         num_steps=config.num_steps or self.num_draft_tokens,
-                                        order=config.order, window=config.window)
+                                        order=config.order, window=config.window,
+                                        autocast_dtype=config.autocast_dtype)
         self._window_tail = self.drafter.window - self.num_draft_tokens
         logger.info("specdiff: drafter loaded on %s (%s): %d draft tokens, %d steps, window %d, %s",
                     self.device, self.dtype, self.num_draft_tokens, self.drafter.num_steps,
                     self.drafter.window, config.order)
+
+    def _load_conditioned(self, target_model: Any) -> None:
+        from ..drafting.conditioned import ConditionedDrafter
+        from ..models.conditioned_checkpoint import load_conditioned, read_conditioned_config
+        from .conditioned import (ConditionedState, aux_layer_ids, check_target_supports_aux,
+                                  target_embedding_and_head)
+
+        config = self.config
+        if target_model is None:
+            raise ValueError("specdiff: the conditioned drafter needs the target model at load time")
+        check_target_supports_aux(target_model)
+        drafter_config = read_conditioned_config(config.drafter)
+        embed, head = target_embedding_and_head(target_model, drafter_config.vocab_size)
+        model = load_conditioned(config.drafter, embed, head, device=self.device, dtype=self.dtype)
+        drafter = ConditionedDrafter(model, self.num_draft_tokens,
+                                     num_steps=config.num_steps or 1,
+                                     policy=config.policy_for(config.num_steps or 1,
+                                                              self.num_draft_tokens))
+        self.conditioned = ConditionedState(drafter, self.max_num_seqs, self.max_model_len)
+        self.drafter = drafter
+        self.aux_layers = aux_layer_ids(drafter_config.target_layer_ids)
+        logger.info("specdiff: conditioned drafter loaded on %s (%s): %d draft tokens, %d steps, "
+                    "draft policy at temperature > 0: %s, target layers %s", self.device, self.dtype,
+                    self.num_draft_tokens, drafter.num_steps, drafter.policy,
+                    list(drafter_config.target_layer_ids))
+
+    def observe_step(self, runner: Any, scheduler_output: Any, sampled_token_ids: Any,
+                     aux_hidden_states: Any, spec_decode_metadata: Any,
+                     common_attn_metadata: Any) -> None:
+        """Called by the runner patch before propose(): request ids, per-request acceptance and the
+        step's wall time for adaptive drafting, and the target states of a conditioned drafter."""
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids[:batch.num_reqs])
+        self._req_ids = req_ids
+        finished = list(getattr(scheduler_output, "finished_req_ids", ()) or ())
+        num_drafts = None if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
+        if self.adaptive is not None:
+            now = time.perf_counter()
+            total = int(sum(num_drafts)) if num_drafts is not None else 0
+            if self._last_step_time is not None:
+                self.adaptive.record_step(len(req_ids), total, now - self._last_step_time)
+            self._last_step_time = now
+            for req_id in finished:
+                self.adaptive.forget(req_id)
+            if num_drafts is not None and isinstance(sampled_token_ids, list):
+                for i, req_id in enumerate(req_ids[:len(sampled_token_ids)]):
+                    drafted = int(num_drafts[i])
+                    if drafted and sampled_token_ids[i]:
+                        self.adaptive.record_acceptance(req_id, drafted,
+                                                        len(sampled_token_ids[i]) - 1)
+        if self.conditioned is not None:
+            self._observe_target_states(req_ids, finished, sampled_token_ids, aux_hidden_states,
+                                        num_drafts, common_attn_metadata)
+
+    def _observe_target_states(self, req_ids: list[str], finished: list[str], sampled_token_ids: Any,
+                               aux_hidden_states: Any, num_drafts: Any,
+                               common_attn_metadata: Any) -> None:
+        if common_attn_metadata is None:
+            self.conditioned.observe(req_ids, finished, [], None, np.zeros(1), np.zeros(0), None)
+            return
+        num_reqs = len(req_ids)
+        query_start_loc = common_attn_metadata.query_start_loc_cpu[:num_reqs + 1].numpy()
+        seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().numpy()
+        if not isinstance(sampled_token_ids, list):
+            sampled_token_ids = []  # not a custom_class step shape; nothing is drafted below
+        try:
+            self.conditioned.observe(req_ids, finished, sampled_token_ids, aux_hidden_states,
+                                     query_start_loc, seq_lens, num_drafts)
+        except Exception:
+            self.stats["failures"] += 1
+            if self.stats["failures"] == 1:
+                logger.exception("specdiff: updating the conditioned drafter's context failed; "
+                                 "affected requests draft from a restarted context")
+            for req_id in req_ids:
+                self.conditioned.release(req_id)
 
     def bind_runner(self, runner: Any) -> None:
         """Called by the runner patch on every step; installs our verifier once."""
@@ -135,6 +232,13 @@ class SpecDiffProposer:
         generators, self._row_generators = self._row_generators, {}
         if not rows or self.drafter is None:
             return drafts
+        lengths = self._draft_lengths(rows)
+        rows = [row for row in rows if lengths.get(row, self.num_draft_tokens) > 0]
+        if not rows:
+            return drafts
+        if self.conditioned is not None:
+            return self._propose_conditioned(step, rows, sampled_token_ids, num_tokens_no_spec,
+                                             token_ids_cpu, temperature, generators, drafts)
         contexts = []
         for row in rows:
             end = int(num_tokens_no_spec[row])
@@ -154,7 +258,7 @@ class SpecDiffProposer:
             return drafts
         elapsed = time.perf_counter() - start
         for row, ids in zip(rows, token_ids):
-            drafts[row] = ids
+            drafts[row] = ids[:lengths.get(row, len(ids))]
         if self.config.use_full_draft_probs:
             if len(rows) == num_rows:
                 self._last_draft_probs = out.draft_probs
@@ -168,6 +272,75 @@ class SpecDiffProposer:
             self._digest.update(out.draft_probs.detach().cpu().numpy().tobytes())
             self.stats["digest"] = self._digest.hexdigest()
         return drafts
+
+    def _propose_conditioned(self, step: int, rows: list[int], sampled_token_ids: list[list[int]],
+                             num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
+                             temperature: np.ndarray | None,
+                             generators: Mapping[int, torch.Generator],
+                             drafts: list[list[int]]) -> list[list[int]]:
+        """Rows whose cached context ends right before their anchor (the last sampled token) draft;
+        the others (states missing) run this step without drafts."""
+        state = self.conditioned
+        req_ids = self._req_ids
+        ready = [row for row in rows if row < len(req_ids)
+                 and state.anchor_ready(req_ids[row], int(num_tokens_no_spec[row]) - 1)]
+        if not ready:
+            return drafts
+        anchors = [sampled_token_ids[row][-1] for row in ready]
+        draft_temperature = self._draft_temperatures(ready, temperature)
+        row_generators = self._generators(step, ready, num_tokens_no_spec, generators)
+        start = time.perf_counter()
+        revealed = None
+        if self.config.lookup:
+            # Prompt lookup: a continuation of the suffix found in the context enters the block as
+            # revealed (one-hot) positions; the drafter denoises the rest around them.
+            from ..drafting.lookup import prompt_lookup
+
+            revealed = torch.full((len(ready), self.num_draft_tokens), -1, dtype=torch.long)
+            for i, row in enumerate(ready):
+                found = prompt_lookup(token_ids_cpu[row], int(num_tokens_no_spec[row]),
+                                      self.num_draft_tokens)
+                if found:
+                    revealed[i, :len(found)] = torch.tensor(found)
+            if not bool((revealed >= 0).any()):
+                revealed = None
+            else:
+                self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + int(
+                    (revealed >= 0).sum())
+        try:
+            out = state.draft([req_ids[row] for row in ready], anchors, draft_temperature,
+                              row_generators, self.drafter.policy, revealed_tokens=revealed)
+            token_ids = out.token_ids.tolist()
+        except Exception:
+            self.stats["failures"] += 1
+            if self.stats["failures"] == 1:
+                logger.exception("specdiff: the drafter failed; this step runs without drafts")
+            return drafts
+        elapsed = time.perf_counter() - start
+        lengths = self._draft_lengths_cache
+        for row, ids in zip(ready, token_ids):
+            drafts[row] = ids[:lengths.get(row, len(ids))]
+        sampled_rows = self.drafter.policy == "sampled" and bool((draft_temperature > 0).any())
+        if revealed is not None and bool((draft_temperature > 0).any()):
+            sampled_rows = True  # lookup slots need their one-hot rows next to sampled ones
+        if self.config.use_full_draft_probs and sampled_rows:
+            # (All-argmax drafts are one-hot: vLLM's one-hot path verifies them identically.)
+            probs = out.draft_probs.new_zeros((len(sampled_token_ids), *out.draft_probs.shape[1:]))
+            probs[torch.tensor(ready, device=probs.device)] = out.draft_probs
+            self._last_draft_probs = probs
+        self._record(len(ready), elapsed)
+        return drafts
+
+    def _draft_lengths(self, rows: list[int]) -> dict[int, int]:
+        """Adaptive draft length per row (empty = num_draft_tokens for every row)."""
+        self._draft_lengths_cache: dict[int, int] = {}
+        if self.adaptive is None or len(self._req_ids) < max(rows) + 1:
+            return self._draft_lengths_cache
+        alloc = self.adaptive.allocate([self._req_ids[row] for row in rows])
+        self._draft_lengths_cache = dict(zip(rows, alloc))
+        self.stats["adaptive_draft_tokens"] = self.stats.get("adaptive_draft_tokens", 0) + sum(alloc)
+        self.stats["adaptive_rows"] = self.stats.get("adaptive_rows", 0) + len(rows)
+        return self._draft_lengths_cache
 
     def take_last_draft_probs(self) -> torch.Tensor | None:
         """float32 [len(sampled_token_ids), num_draft_tokens, vocab] of the last propose(), rows
@@ -222,89 +395,6 @@ class SpecDiffProposer:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Verifier: vLLM's RejectionSampler with the accept/recover step of vllm_specdiff.verification
+# Verifier: lives in sampler.py; the name stays importable from here.
 # ---------------------------------------------------------------------------------------------------
-_SAMPLER_CLASS: type | None = None
-
-
-def specdiff_rejection_sampler_class() -> type:
-    """Defined lazily: subclassing vLLM's RejectionSampler imports vLLM's sampling stack."""
-    global _SAMPLER_CLASS
-    if _SAMPLER_CLASS is not None:
-        return _SAMPLER_CLASS
-    from dataclasses import replace
-
-    from vllm.v1.outputs import SamplerOutput
-    from vllm.v1.sample.rejection_sampler import RejectionSampler
-
-    from ..verification import draw_random, rejection_sample
-
-    class SpecDiffRejectionSampler(RejectionSampler):
-        """vLLM's handling of logits processors, the bonus token and logprobs; our batched
-        speculative sampling (vllm_specdiff.verification.rejection_sample) for the draft positions.
-
-        The target law (temperature, top-k, top-p) is applied inside rejection_sample, on the
-        target side only, so it is respected for every request whatever the drafter did.
-        """
-
-        def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
-            bonus_logits = logits[metadata.bonus_logits_indices]
-            # vLLM's sampler draws the bonus token: it applies every logits processor and uses the
-            # request's generator, exactly as without speculation.
-            bonus_sampler_output = self.sampler(
-                logits=bonus_logits,
-                sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
-                predict_bonus_token=True,
-                logprobs_mode_override=("processed_logits" if self.is_processed_logprobs_mode
-                                        else "raw_logits"),
-            )
-            bonus_token_ids = bonus_sampler_output.sampled_token_ids  # [batch, 1]
-
-            raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
-            target_logits = raw_target_logits
-            if not self.is_processed_logprobs_mode:
-                target_logits = target_logits.clone()
-            target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
-
-            num_tokens = target_logits.shape[0]
-            batch = len(metadata.num_draft_tokens)
-            vocab = target_logits.shape[1]
-            device = target_logits.device
-            # vLLM's logits layout: per request its draft positions, then its bonus position. The
-            # bonus rows only feed rejection_sample's own bonus, which is replaced below.
-            all_logits = torch.empty((num_tokens + batch, vocab), dtype=torch.float32, device=device)
-            all_logits[metadata.target_logits_indices] = target_logits
-            all_logits[metadata.bonus_logits_indices] = bonus_logits.to(torch.float32)
-            cu_cpu = torch.as_tensor(np.cumsum(metadata.num_draft_tokens, dtype=np.int64))
-            temperature = sampling_metadata.temperature
-            if temperature is None:  # all greedy
-                temperature = torch.zeros(batch, dtype=torch.float32, device=device)
-            gens = sampling_metadata.generators
-            generators = [gens.get(i) for i in range(batch)] if gens else None
-            uniform_samples, exponential_samples = draw_random(cu_cpu, vocab, generators, device)
-            out = rejection_sample(
-                metadata.draft_token_ids, metadata.cu_num_draft_tokens,
-                None if draft_probs is None else draft_probs.to(torch.float32).contiguous(),
-                all_logits, temperature.to(torch.float32), sampling_metadata.top_k,
-                sampling_metadata.top_p, uniform_samples, exponential_samples,
-                max_draft_len=metadata.max_spec_len)
-            output_token_ids = out.output_token_ids
-            num_draft = torch.as_tensor(metadata.num_draft_tokens, dtype=torch.int64).to(device)
-            has_bonus = (out.num_accepted == num_draft).unsqueeze(1)  # [batch, 1]
-            slot = num_draft.unsqueeze(1)
-            current = output_token_ids.gather(1, slot)
-            output_token_ids = output_token_ids.scatter(
-                1, slot, torch.where(has_bonus, bonus_token_ids.to(torch.int64), current))
-            output_token_ids = output_token_ids.to(torch.int32)  # SamplerOutput's dtype
-
-            logprobs_tensors = None
-            if sampling_metadata.max_num_logprobs is not None:
-                logprobs_tensors = self._get_logprobs_tensors(
-                    sampling_metadata.max_num_logprobs, metadata, logits,
-                    target_logits if self.is_processed_logprobs_mode else raw_target_logits,
-                    bonus_sampler_output.logprobs_tensors.logprobs, output_token_ids)
-            return SamplerOutput(sampled_token_ids=output_token_ids,
-                                 logprobs_tensors=logprobs_tensors)
-
-    _SAMPLER_CLASS = SpecDiffRejectionSampler
-    return _SAMPLER_CLASS
+from .sampler import specdiff_rejection_sampler_class  # noqa: E402,F401
