@@ -162,13 +162,14 @@ class ConditionedDrafter:
     def draft(self, cache: ContextCache, slots: Sequence[int], anchor_ids: torch.Tensor,
               temperature: torch.Tensor, generator=None, policy: str | None = None,
               num_draft_tokens: int | None = None, num_steps: int | None = None,
-              revealed_tokens: torch.Tensor | None = None):
+              revealed_tokens: torch.Tensor | None = None, with_probs: bool = True):
         """Draft after `anchor_ids` [n] for cache `slots`; temperature [n] (0 = greedy).
 
         revealed_tokens [n, k] (optional, -1 = unknown): slots whose token is already known given
         the context (e.g. a prompt-lookup continuation) enter the block revealed; their q is one-hot
         (a point mass given the context, exact) and they are not sampled. Returns DraftOutput with
-        token_ids [n, k] and draft_probs [n, k, vocab].
+        token_ids [n, k] and draft_probs [n, k, vocab] (None with with_probs=False: for callers
+        that verify every row one-hot, the [n, k, vocab] law is not built).
         """
         from .base import DraftOutput
 
@@ -201,7 +202,7 @@ class ConditionedDrafter:
         sample = (temperature > 0) & (policy == "sampled")
         safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
         draft_vocab = model.draft_vocab
-        probs_out = torch.zeros(n, k, self.vocab_size, device=device)
+        probs_out = torch.zeros(n, k, self.vocab_size, device=device) if with_probs else None
         for lo, hi in step_slices(k, steps):
             todo = torch.zeros(n, block, dtype=torch.bool, device=device)
             todo[:, 1 + lo:1 + hi] = True
@@ -219,14 +220,16 @@ class ConditionedDrafter:
             tokens = draft_vocab[idx]
             step_todo = todo[:, 1 + lo:1 + hi]
             ids[:, 1 + lo:1 + hi] = torch.where(step_todo, tokens, ids[:, 1 + lo:1 + hi])
+            revealed = revealed | todo
+            if probs_out is None:
+                continue
             full = torch.zeros(n, hi - lo, self.vocab_size, device=device)
             full[..., draft_vocab] = probs
             one_hot = torch.zeros_like(full).scatter_(-1, tokens[..., None], 1.0)
             law = torch.where(sample[:, None, None], full, one_hot)
             probs_out[:, lo:hi] = torch.where(step_todo[..., None], law, probs_out[:, lo:hi])
-            revealed = revealed | todo
         token_ids = ids[:, 1:]
-        if known is not None:  # revealed (lookup) slots: point mass at the known token
+        if known is not None and probs_out is not None:  # lookup slots: point mass at the token
             one_hot = torch.zeros_like(probs_out).scatter_(-1, token_ids[..., None], 1.0)
             probs_out = torch.where(known[..., None], one_hot, probs_out)
         return DraftOutput(token_ids=token_ids, draft_probs=probs_out)

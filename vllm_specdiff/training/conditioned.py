@@ -225,6 +225,9 @@ class ConditionedTrainConfig:
     seqs_per_step: int = 4
     anchors_per_seq: int = 24
     reveal_fraction: float = 0.5
+    # Sampling weight of a sequence by source (greedy continuation, sampled continuation, real
+    # text): drafting sees the target's own text, so its continuations dominate the mix.
+    mix: str = "4,2,0.5"
     gamma: float = 4.0
     ce_weight: float = 1.0
     lr: float = 6e-4
@@ -401,6 +404,12 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
         _log(f"resumed at step {step} ({elapsed_before / 60:.1f} min trained)")
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed + step)
+    weights = [float(w) for w in cfg.mix.split(",")]
+    if len(weights) != 3 or min(weights) < 0 or max(weights) <= 0:
+        raise ValueError(f"--mix takes three weights >= 0 (greedy, sampled, real), got {cfg.mix!r}")
+    sizes = (cfg.greedy_prompts, cfg.sampled_prompts, store.num_sequences - cfg.greedy_prompts
+             - cfg.sampled_prompts)
+    row_weights = torch.cat([torch.full((n,), w) for n, w in zip(sizes, weights)])
     k = cfg.block_size - 1
     eval_k = min(k, 8)
 
@@ -435,7 +444,7 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
         if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
             bar.write(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
             break
-        rows = torch.randint(0, store.num_sequences, (cfg.seqs_per_step,), generator=gen)
+        rows = torch.multinomial(row_weights, cfg.seqs_per_step, replacement=True, generator=gen)
         part = store.select(rows)
         part.features = part.features.float()
         anchors = torch.stack([torch.randperm(seq_len - cfg.block_size, generator=gen)[:cfg.anchors_per_seq]

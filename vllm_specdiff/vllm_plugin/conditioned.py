@@ -154,9 +154,9 @@ class ConditionedState:
 
     def draft(self, req_ids: Sequence[str], anchors: Sequence[int], temperature: torch.Tensor,
               generator, policy: str, num_draft_tokens: int | None = None,
-              revealed_tokens: torch.Tensor | None = None):
+              revealed_tokens: torch.Tensor | None = None, with_probs: bool = True):
         slots = [self.slot_of[r] for r in req_ids]
         anchor_ids = torch.tensor(list(anchors), dtype=torch.long)
         return self.drafter.draft(self.cache, slots, anchor_ids, temperature, generator=generator,
                                   policy=policy, num_draft_tokens=num_draft_tokens,
-                                  revealed_tokens=revealed_tokens)
+                                  revealed_tokens=revealed_tokens, with_probs=with_probs)

@@ -307,9 +307,14 @@ class SpecDiffProposer:
             else:
                 self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + int(
                     (revealed >= 0).sum())
+        # Full q only when some row samples its drafts; all-argmax rounds verify one-hot (vLLM's
+        # path without draft probabilities, identical law) and skip the [rows, k, vocab] tensor.
+        sampled_rows = (self.config.use_full_draft_probs and self.drafter.policy == "sampled"
+                        and bool((draft_temperature > 0).any()))
         try:
             out = state.draft([req_ids[row] for row in ready], anchors, draft_temperature,
-                              row_generators, self.drafter.policy, revealed_tokens=revealed)
+                              row_generators, self.drafter.policy, revealed_tokens=revealed,
+                              with_probs=sampled_rows)
             token_ids = out.token_ids.tolist()
         except Exception:
             self.stats["failures"] += 1
@@ -320,11 +325,7 @@ class SpecDiffProposer:
         lengths = self._draft_lengths_cache
         for row, ids in zip(ready, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
-        sampled_rows = self.drafter.policy == "sampled" and bool((draft_temperature > 0).any())
-        if revealed is not None and bool((draft_temperature > 0).any()):
-            sampled_rows = True  # lookup slots need their one-hot rows next to sampled ones
-        if self.config.use_full_draft_probs and sampled_rows:
-            # (All-argmax drafts are one-hot: vLLM's one-hot path verifies them identically.)
+        if sampled_rows:
             probs = out.draft_probs.new_zeros((len(sampled_token_ids), *out.draft_probs.shape[1:]))
             probs[torch.tensor(ready, device=probs.device)] = out.draft_probs
             self._last_draft_probs = probs

@@ -1,0 +1,233 @@
+"""Held-out drafter quality on the embedded target: simulated acceptance lengths, temperature-1
+expectations, drafter cost per round and the learning curve of the conditioned drafter.
+
+Sequences: the target's own greedy continuations of held-out BBC prompts (the feature store that
+`vllm-specdiff train --kind conditioned` builds in its work dir). Every continuation position
+(evenly spaced) is an anchor. Simulated acceptance length (greedy) = 1 + leading drafts equal to the
+target's greedy tokens. At temperature 1 (conditioned drafter, both policies) the expected
+acceptance length uses the target's probabilities of the drafted tokens (one target forward over
+context + drafts per anchor): argmax + one-hot: 1 + sum_j prod_{i<=j} p_i(d_i), exact; sampled +
+full q: the same with min(1, p_i / q_i), averaged over sampled drafts (Monte Carlo).
+
+    python benchmarks/eval_drafters.py --work-dir ~/.cache/vllm-specdiff/train-conditioned-smollm2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def sequence_drafter_greedy(drafter, store, k: int, start: int, anchors_per_seq: int) -> dict:
+    """Simulated greedy acceptance of a token-only drafter (SEDD, AR) on the same anchors."""
+    seq_len = store.token_ids.shape[1]
+    anchors = torch.linspace(start, seq_len - k - 1, anchors_per_seq).round().long().unique()
+    lengths, per_slot = [], torch.zeros(k)
+    for row in range(store.num_sequences):
+        tokens = store.token_ids[row]
+        contexts = [tokens[:a + 1].tolist() for a in anchors.tolist()]
+        out = drafter.draft(contexts, temperature=0.0)
+        pos = anchors[:, None] + torch.arange(1, k + 1)
+        greedy = store.topk_ids[row, pos - 1, 0]
+        ok = (out.token_ids[:, :k] == greedy) & (tokens[pos] == greedy)
+        run = ok.long().cumprod(-1)
+        lengths.append(1 + run.sum(-1))
+        per_slot += run.sum(0).float()
+    lengths = torch.cat(lengths).float()
+    return {"acceptance_length": round(float(lengths.mean()), 4),
+            "slot_accept": [round(float(v), 4) for v in per_slot / lengths.numel()],
+            "anchors": int(lengths.numel())}
+
+
+@torch.no_grad()
+def temperature_one_expectation(model, target, store, k: int, num_steps: int, policy: str,
+                                start: int, anchors_per_seq: int, samples: int = 4) -> float:
+    """Expected acceptance length at temperature 1 (see the module docstring)."""
+    from vllm_specdiff.drafting.conditioned import ConditionedDrafter
+
+    drafter = ConditionedDrafter(model, k, num_steps, policy)
+    seq_len = store.token_ids.shape[1]
+    anchors = torch.linspace(start, seq_len - k - 1, anchors_per_seq).round().long().unique().tolist()
+    values = []
+    gen = torch.Generator().manual_seed(0)
+    for row in range(store.num_sequences):
+        cache = drafter.new_cache(len(anchors) * samples, seq_len + k + 1)
+        slots, feats = [], []
+        for i, a in enumerate(anchors):
+            for s in range(samples):
+                slots.append(i * samples + s)
+                feats.append(store.features[row, :a].float())
+        cache.append(slots, feats)
+        anchor_ids = torch.tensor([int(store.token_ids[row, a]) for a in anchors
+                                   for _ in range(samples)])
+        out = drafter.draft(cache, slots, anchor_ids, torch.ones(len(slots)), generator=gen)
+        for j, a in enumerate(a for a in anchors for _ in range(samples)):
+            ids = torch.cat([store.token_ids[row, :a + 1], out.token_ids[j]])[None]
+            probs = torch.softmax(target(ids).logits[0, a:a + k].float(), -1)  # p of drafts 1..k
+            p = probs.gather(1, out.token_ids[j][:, None])[:, 0]
+            q = out.draft_probs[j].gather(1, out.token_ids[j][:, None])[:, 0]
+            accept = torch.clamp(p / q.clamp(min=1e-12), max=1.0)
+            values.append(1 + float(accept.cumprod(0).sum()))
+    return round(sum(values) / len(values), 4)
+
+
+@torch.no_grad()
+def costs(model, target, k: int, num_steps: int, batch: int, context: int = 128,
+          repeats: int = 5) -> dict:
+    """ms per drafter round (context cache, T steps) vs a target decode step and a (k+1)-token
+    verify with the target's KV cache (HF, this machine)."""
+    from transformers import DynamicCache
+
+    from vllm_specdiff.drafting.conditioned import ConditionedDrafter
+
+    drafter = ConditionedDrafter(model, k, num_steps, "argmax")
+    feature_size = model.config.feature_size
+    cache = drafter.new_cache(batch, context + 64)
+    cache.append(range(batch), [torch.randn(context, feature_size)] * batch)
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1e3 * (time.perf_counter() - start) / repeats
+
+    anchors = torch.ones(batch, dtype=torch.long)
+    draft_ms = timed(lambda: drafter.draft(cache, list(range(batch)), anchors, torch.zeros(batch)))
+    # The same round with the full 49k head instead of the reduced draft vocabulary.
+    reduced = model.draft_vocab
+    model.draft_vocab = torch.arange(model.config.vocab_size)
+    model.invalidate_head_cache()
+    full_vocab_ms = timed(lambda: drafter.draft(cache, list(range(batch)), anchors, torch.zeros(batch)))
+    model.draft_vocab = reduced
+    model.invalidate_head_cache()
+    ids = torch.randint(100, 1000, (batch, context))
+    prefill = target(ids, use_cache=True).past_key_values
+
+    def step(n: int):
+        kv = DynamicCache()
+        for layer in range(len(prefill.layers)):
+            kv.update(prefill.layers[layer].keys.clone(), prefill.layers[layer].values.clone(), layer)
+        target(torch.randint(100, 1000, (batch, n)), past_key_values=kv, use_cache=True)
+
+    decode_ms = timed(lambda: step(1))
+    verify_ms = timed(lambda: step(k + 1))
+    return {"batch": batch, "num_draft_tokens": k, "num_steps": num_steps, "drafter_ms": draft_ms,
+            "drafter_ms_full_vocabulary": full_vocab_ms,
+            "target_decode_ms": decode_ms, "target_verify_ms": verify_ms}
+
+
+def main(argv=None) -> int:
+    from vllm_specdiff.assets import (AR_DRAFTER_DIR, CONDITIONED_DRAFTER_DIR, SEDD_DRAFTER_DIR,
+                                      prepare_target, target_tokenizer)
+    from vllm_specdiff.data.target_features import load_feature_store
+    from vllm_specdiff.drafting.autoregressive import AutoregressiveDrafter
+    from vllm_specdiff.drafting.diffusion import DiffusionDrafter
+    from vllm_specdiff.models.conditioned_checkpoint import load_conditioned, tokenizer_fingerprint
+    from vllm_specdiff.models.sedd import SEDD
+    from vllm_specdiff.training.conditioned import simulated_acceptance
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", required=True, help="the conditioned trainer's work dir")
+    parser.add_argument("--drafter", default=str(CONDITIONED_DRAFTER_DIR))
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--anchors-per-seq", type=int, default=16)
+    parser.add_argument("--t1-sequences", type=int, default=6)
+    parser.add_argument("--out", default="benchmarks/results/drafters-heldout.json")
+    parser.add_argument("--plot", default="benchmarks/results/learning-curve.png")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    work = Path(args.work_dir).expanduser()
+    store = load_feature_store(work / "features-heldout")
+    target = AutoModelForCausalLM.from_pretrained(prepare_target(), dtype=torch.float32).eval()
+    model = load_conditioned(args.drafter, target.get_input_embeddings().weight,
+                             target.get_output_embeddings().weight, target_config=target.config,
+                             fingerprint=tokenizer_fingerprint(target_tokenizer()))
+    start = args.prompt_tokens
+    rows = []
+    for k in (2, 4, 8):
+        for steps in sorted({1, 2, k}):
+            if steps > k:
+                continue
+            r = simulated_acceptance(model, store, k, steps, start=start,
+                                     anchors_per_seq=args.anchors_per_seq)
+            rows.append({"drafter": "conditioned", **r})
+            print(json.dumps(rows[-1]), flush=True)
+    sedd = SEDD.from_pretrained(SEDD_DRAFTER_DIR).eval()
+    for k, steps in ((4, 1), (8, 2)):
+        r = sequence_drafter_greedy(DiffusionDrafter(sedd, k, steps, window=128), store, k, start,
+                                    args.anchors_per_seq)
+        rows.append({"drafter": "sedd (standalone)", "num_draft_tokens": k, "num_steps": steps, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    ar = AutoModelForCausalLM.from_pretrained(AR_DRAFTER_DIR, dtype=torch.float32).eval()
+    for k in (2, 4, 8):
+        r = sequence_drafter_greedy(AutoregressiveDrafter(ar, k, window=128), store, k, start,
+                                    args.anchors_per_seq)
+        rows.append({"drafter": "ar (draft_model)", "num_draft_tokens": k, "num_steps": k, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    subset = store.select(torch.arange(min(args.t1_sequences, store.num_sequences)))
+    t1 = []
+    for k, steps in ((4, 1), (4, 4), (8, 1), (8, 2)):
+        for policy in ("argmax", "sampled"):
+            value = temperature_one_expectation(model, target, subset, k, steps, policy, start, 8)
+            t1.append({"num_draft_tokens": k, "num_steps": steps, "policy": policy,
+                       "expected_acceptance_length_t1": value})
+            print(json.dumps(t1[-1]), flush=True)
+    cost_rows = [costs(model, target, k, steps, batch)
+                 for batch in (1, 8) for k, steps in ((4, 1), (8, 2))]
+    for c in cost_rows:
+        greedy = next(r["acceptance_length"] for r in rows if r["drafter"] == "conditioned"
+                      and r["num_draft_tokens"] == c["num_draft_tokens"]
+                      and r["num_steps"] == c["num_steps"])
+        c["projected_speedup_greedy"] = round(greedy * c["target_decode_ms"]
+                                              / (c["drafter_ms"] + c["target_verify_ms"]), 3)
+        print(json.dumps(c), flush=True)
+    curve_path = work / "learning_curve.jsonl"
+    curve = [json.loads(line) for line in curve_path.read_text().splitlines()] if curve_path.exists() else []
+    payload = {"greedy": rows, "temperature_1": t1, "costs": cost_rows, "learning_curve": curve,
+               "heldout_sequences": store.num_sequences}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\n{'drafter':<20} {'k':>3} {'T':>3} {'accept len':>10}  slot accept")
+    for r in rows:
+        print(f"{r['drafter']:<20} {r['num_draft_tokens']:>3} {r['num_steps']:>3} "
+              f"{r['acceptance_length']:>10.3f}  {r['slot_accept'][:4]}")
+    print("\ntemperature 1, conditioned drafter: expected acceptance length")
+    for r in t1:
+        print(f"  k={r['num_draft_tokens']} T={r['num_steps']} {r['policy']:<8} "
+              f"{r['expected_acceptance_length_t1']:.3f}")
+    print("\ncost per round (ms, HF float32 on this machine)")
+    for c in cost_rows:
+        print(f"  batch {c['batch']} k={c['num_draft_tokens']} T={c['num_steps']}: drafter "
+              f"{c['drafter_ms']:.1f} (full 49k head {c['drafter_ms_full_vocabulary']:.1f}), target decode {c['target_decode_ms']:.1f}, verify "
+              f"{c['target_verify_ms']:.1f} -> projected {c['projected_speedup_greedy']:.2f}x (greedy)")
+    if curve:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c["positions_seen"] / 1e6 for c in curve], [c["acceptance_length"] for c in curve],
+                marker="o")
+        ax.set_xlabel("predicted block positions seen in training (millions)")
+        ax.set_ylabel("held-out simulated acceptance length (k=8, T=1)")
+        ax.set_title("conditioned drafter, SmolLM2-135M, 2-core CPU")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
