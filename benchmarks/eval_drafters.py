@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--anchors-per-seq", type=int, default=16)
     parser.add_argument("--t1-sequences", type=int, default=6)
+    parser.add_argument("--parts", default="greedy,t1,costs",
+                        help="comma-separated: greedy, t1, costs (costs need an idle machine)")
+    parser.add_argument("--t1-configs", default="4:1,4:4,8:1,8:2", help="k:T pairs at temperature 1")
     parser.add_argument("--out", default="benchmarks/results/drafters-heldout.json")
     parser.add_argument("--plot", default="benchmarks/results/learning-curve.png")
     args = parser.parse_args(argv)
@@ -152,8 +155,11 @@ def main(argv=None) -> int:
                              target.get_output_embeddings().weight, target_config=target.config,
                              fingerprint=tokenizer_fingerprint(target_tokenizer()))
     start = args.prompt_tokens
-    rows = []
-    for k in (2, 4, 8):
+    parts = set(args.parts.split(","))
+    out_path = Path(args.out)
+    previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    rows = previous.get("greedy", []) if "greedy" not in parts else []
+    for k in ((2, 4, 8) if "greedy" in parts else ()):
         for steps in sorted({1, 2, k}):
             if steps > k:
                 continue
@@ -162,31 +168,34 @@ def main(argv=None) -> int:
             rows.append({"drafter": "conditioned", **r})
             print(json.dumps(rows[-1]), flush=True)
     sedd = SEDD.from_pretrained(SEDD_DRAFTER_DIR).eval()
-    for k, steps in ((4, 1), (8, 2)):
+    for k, steps in (((4, 1), (8, 2)) if "greedy" in parts else ()):
         r = sequence_drafter_greedy(DiffusionDrafter(sedd, k, steps, window=128), store, k, start,
                                     args.anchors_per_seq)
         rows.append({"drafter": "sedd (standalone)", "num_draft_tokens": k, "num_steps": steps, **r})
         print(json.dumps(rows[-1]), flush=True)
     ar = AutoModelForCausalLM.from_pretrained(AR_DRAFTER_DIR, dtype=torch.float32).eval()
-    for k in (2, 4, 8):
+    for k in ((2, 4, 8) if "greedy" in parts else ()):
         r = sequence_drafter_greedy(AutoregressiveDrafter(ar, k, window=128), store, k, start,
                                     args.anchors_per_seq)
         rows.append({"drafter": "ar (draft_model)", "num_draft_tokens": k, "num_steps": k, **r})
         print(json.dumps(rows[-1]), flush=True)
     subset = store.select(torch.arange(min(args.t1_sequences, store.num_sequences)))
-    t1 = []
-    for k, steps in ((4, 1), (4, 4), (8, 1), (8, 2)):
+    t1 = previous.get("temperature_1", []) if "t1" not in parts else []
+    configs = [tuple(int(v) for v in pair.split(":")) for pair in args.t1_configs.split(",")]
+    for k, steps in (configs if "t1" in parts else ()):
         for policy in ("argmax", "sampled"):
             value = temperature_one_expectation(model, target, subset, k, steps, policy, start, 8)
             t1.append({"num_draft_tokens": k, "num_steps": steps, "policy": policy,
                        "expected_acceptance_length_t1": value})
             print(json.dumps(t1[-1]), flush=True)
-    cost_rows = [costs(model, target, k, steps, batch)
-                 for batch in (1, 8) for k, steps in ((4, 1), (8, 2))]
+    cost_rows = previous.get("costs", []) if "costs" not in parts else [
+        costs(model, target, k, steps, batch) for batch in (1, 8) for k, steps in ((4, 1), (8, 2))]
     for c in cost_rows:
         greedy = next(r["acceptance_length"] for r in rows if r["drafter"] == "conditioned"
                       and r["num_draft_tokens"] == c["num_draft_tokens"]
                       and r["num_steps"] == c["num_steps"])
+        if "costs" not in parts:
+            continue
         c["projected_speedup_greedy"] = round(greedy * c["target_decode_ms"]
                                               / (c["drafter_ms"] + c["target_verify_ms"]), 3)
         print(json.dumps(c), flush=True)
@@ -194,8 +203,8 @@ def main(argv=None) -> int:
     curve = [json.loads(line) for line in curve_path.read_text().splitlines()] if curve_path.exists() else []
     payload = {"greedy": rows, "temperature_1": t1, "costs": cost_rows, "learning_curve": curve,
                "heldout_sequences": store.num_sequences}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\n{'drafter':<20} {'k':>3} {'T':>3} {'accept len':>10}  slot accept")
     for r in rows:
         print(f"{r['drafter']:<20} {r['num_draft_tokens']:>3} {r['num_steps']:>3} "

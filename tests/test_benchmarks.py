@@ -204,7 +204,7 @@ def test_build_engines_order_and_labels():
         [(8, 2)], None, baseline_reruns=2)
     labels = [e.label for e in engines]
     assert labels == ["no speculation", "draft_model k=2", "draft_model k=4",
-                      "draft_model k=4 (default runner)", "specdiff k=8 T=2",
+                      "draft_model k=4 (default runner)", "specdiff-sedd k=8 T=2",
                       "no speculation (rerun 1)"]
     assert [e.runner for e in engines] == ["v1", "v1", "v1", "default", "v1", "v1"]
     with pytest.raises(ValueError, match="unknown methods"):
