@@ -72,11 +72,14 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{args.max_tokens} new tokens per prompt, {len(prompts)} prompts, {args.dtype}, {device}")
     print(format_table(results))
     print("\nspecdiff (conditioned drafter):")
+    def ratio(value) -> str:
+        return f"{value:.2f}x" if value else "-"
+
     for r in sorted((r for r in results if r.get("kind") == "conditioned"),
                     key=lambda r: (r["temperature"], r["batch"])):
-        print(f"  temperature {r['temperature']:g}, batch {r['batch']}: {r['speedup']:.2f}x no "
-              f"speculation, {r['speedup_vs_draft_model']:.2f}x draft_model, "
-              f"{r['speedup_vs_best_peer']:.2f}x the best peer ({r['best_peer']}); acceptance "
+        print(f"  temperature {r['temperature']:g}, batch {r['batch']}: {ratio(r['speedup'])} no "
+              f"speculation, {ratio(r['speedup_vs_draft_model'])} draft_model, "
+              f"{ratio(r['speedup_vs_best_peer'])} the best peer ({r['best_peer']}); acceptance "
               f"length {r['mean_acceptance_length'] or 1:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
