@@ -325,11 +325,28 @@ def inspect_drafter(name: str):
     return folder, sedd_config
 
 
-def _check_weights(folder, sedd_config) -> None:
-    """Keys, shapes and (for safetensors) file size from the header only: cheap for big drafters."""
+def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, checking that the file holds all the data the
+    header promises (a truncated or corrupt file raises ValueError); reads no tensor data."""
     import json
     import struct
 
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"header length {header_len} exceeds the file size {size}")
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise ValueError(f"truncated: the header promises {8 + header_len + data_end} bytes, the "
+                         f"file has {size}")
+    return {k: tuple(v["shape"]) for k, v in header.items()}
+
+
+def _check_weights(folder, sedd_config) -> None:
+    """Keys, shapes and (for safetensors) file size from the header only: cheap for big drafters."""
     import torch
 
     from ..checkpoint import WEIGHT_FILES, CheckpointError, check_state_dict
@@ -341,18 +358,7 @@ def _check_weights(folder, sedd_config) -> None:
             continue
         try:
             if filename.endswith(".safetensors"):
-                size = path.stat().st_size
-                with open(path, "rb") as f:
-                    (header_len,) = struct.unpack("<Q", f.read(8))
-                    if header_len > size - 8:
-                        raise ValueError(f"header length {header_len} exceeds the file size {size}")
-                    header = json.loads(f.read(header_len))
-                header.pop("__metadata__", None)
-                data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-                if 8 + header_len + data_end > size:
-                    raise ValueError(f"truncated: the header promises {8 + header_len + data_end} "
-                                     f"bytes, the file has {size}")
-                shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+                shapes = safetensors_shapes(path)
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 shapes = {k: tuple(t.shape) for k, t in state.items()}

@@ -446,34 +446,22 @@ def inspect_conditioned_drafter(options: SpecDiffConfig, target_model_config) ->
 
 def _check_conditioned_weights(folder, config) -> None:
     """Tensor names and shapes from the safetensors header (cheap), against the config."""
-    import json
-    import struct
-
     import torch
 
     from ..models.conditioned import ConditionedDenoiser
     from ..models.conditioned_checkpoint import ConditionedCheckpointError
+    from .config import safetensors_shapes
 
     path = folder / "model.safetensors"
     if not path.is_file():
         raise ConditionedCheckpointError(f"{folder} has no model.safetensors: the weights are missing")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header length {header_len} exceeds the file size {size}")
-            header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        if 8 + header_len + data_end > size:
-            raise ValueError(f"truncated: {8 + header_len + data_end} bytes promised, {size} present")
+        stored = safetensors_shapes(path)
     except Exception as err:
         raise ConditionedCheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); "
                                          "the file is corrupt or truncated") from err
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ConditionedDenoiser(config).state_dict().items()}
-    stored = {k: tuple(v["shape"]) for k, v in header.items()}
     if stored != expected:
         missing = sorted(set(expected) - set(stored))[:5]
         unexpected = sorted(set(stored) - set(expected))[:5]
