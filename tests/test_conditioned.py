@@ -18,14 +18,21 @@ VOCAB = 4
 CONTEXT_LEN = 5
 
 
+# Architecture variants whose drafting must be exact alike: the shipped one (anchor state and last
+# revealed token added to the block), the first version, and the DFlash-format restriction.
+VARIANTS = {"shipped": {"last_token_feature": True}, "plain": {},
+            "dflash": {"anchor_feature": False, "fuse_scaling": False, "qk_norm": True}}
+
+
 def tiny_model(block_size: int = 4, draft_vocab: list[int] | None = None, seed: int = 0,
-               dtype: torch.dtype = torch.float64) -> ConditionedDenoiser:
+               dtype: torch.dtype = torch.float64, variant: str = "shipped") -> ConditionedDenoiser:
     torch.manual_seed(seed)
     config = ConditionedConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
                                num_kv_heads=1, head_dim=16, intermediate_size=48,
                                block_size=block_size, target_layer_ids=(0, 2), target_num_layers=3,
                                target_hidden_size=8,
-                               draft_vocab_size=len(draft_vocab) if draft_vocab else None)
+                               draft_vocab_size=len(draft_vocab) if draft_vocab else None,
+                               **VARIANTS[variant])
     model = ConditionedDenoiser(config)
     init_weights(model, std=0.5)
     if draft_vocab:
@@ -142,9 +149,10 @@ def make_cache(drafter: ConditionedDrafter, num_slots: int):
     return cache
 
 
-@pytest.mark.parametrize("k, steps", [(2, 1), (3, 1), (3, 2), (3, 3)])
-def test_left_to_right_full_q_is_exact(k, steps):
-    model = tiny_model(block_size=k + 1)
+@pytest.mark.parametrize("k, steps, variant", [(2, 1, "shipped"), (3, 1, "shipped"), (3, 2, "shipped"),
+                                               (3, 3, "shipped"), (3, 2, "plain"), (3, 3, "dflash")])
+def test_left_to_right_full_q_is_exact(k, steps, variant):
+    model = tiny_model(block_size=k + 1, variant=variant)
     law = round_output_law(enumerate_drafts(model, k, steps), horizon=k + 1)
     assert total_variation(law, continuation_law((), k + 1)) < 1e-9
 
@@ -176,11 +184,11 @@ def test_lookup_revealed_slots_are_exact():
     assert total_variation(law, continuation_law((), 4)) < 1e-9
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_draft_samples_follow_the_enumerated_law(steps):
+@pytest.mark.parametrize("steps, variant", [(1, "shipped"), (2, "shipped"), (2, "dflash")])
+def test_draft_samples_follow_the_enumerated_law(steps, variant):
     """Ties the enumeration to draft(): 6k real drafts (float32) vs the enumerated law, and the
     recorded rows equal the enumerated conditional rows."""
-    model = tiny_model(block_size=3)
+    model = tiny_model(block_size=3, variant=variant)
     paths = enumerate_drafts(model, 2, steps)
     law = {tokens: w for tokens, w, _ in paths}
     rows = {tokens: torch.stack(r) for tokens, _, r in paths}
@@ -212,8 +220,9 @@ def test_temperature_zero_is_argmax_one_hot_under_both_policies():
     assert set(outs[0].draft_probs.unique().tolist()) == {0.0, 1.0}
 
 
-def test_context_cache_appends_equal_one_encoding_and_batches_equal_single_rows():
-    model = tiny_model(block_size=4).float()
+@pytest.mark.parametrize("variant", ["shipped", "dflash"])
+def test_context_cache_appends_equal_one_encoding_and_batches_equal_single_rows(variant):
+    model = tiny_model(block_size=4, variant=variant).float()
     drafter = draft_cache(model)
     feats = features(length=9).float()
     whole = drafter.new_cache(3, 16)
@@ -283,3 +292,18 @@ def test_context_cache_restarts_on_a_gap_and_keeps_absolute_positions():
     assert torch.allclose(late.k[:, 0, :, :5], full.k[:, 0, :, 4:9], atol=1e-5)
     late.append([0], [feats[:3]], starts=[0])  # preempted and recomputed from the start
     assert late.lengths == [3] and late.end(0) == 3
+
+
+def test_last_token_feature_adds_the_last_revealed_token_of_the_same_block():
+    """Masked slots get last_token_proj(embedding of the last revealed token before them), also in
+    the training layout where one row concatenates several blocks (each starts revealed)."""
+    model = tiny_model(block_size=3).float()
+    ids = torch.tensor([[3, 1, 2, 0, 2, 1]])
+    revealed = torch.tensor([[True, False, False, True, True, False]])
+    x = model.embed_block(ids, revealed)
+    emb, mask = model.embed_weight.float(), model.mask_embedding
+    for slot, last in ((1, 0), (2, 0), (5, 4)):
+        expect = mask + model.last_token_proj(emb[ids[0, last]])
+        assert torch.allclose(x[0, slot], expect, atol=1e-6), slot
+    for slot in (0, 3, 4):
+        assert torch.allclose(x[0, slot], emb[ids[0, slot]], atol=1e-6)

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="vLLM's OpenAI server with the specdiff flags (all vllm serve args)",
                    add_help=False)
-    train = sub.add_parser("train", help="train a drafter for a target: --kind sedd, ar or conditioned "
-                                         "(`train --kind conditioned --help` for its options)")
+    train = sub.add_parser("train", help="train a drafter for a target: --kind sedd, ar, conditioned "
+                                         "or dflash (`train --kind conditioned --help` for the "
+                                         "options of the last two)")
     demo = sub.add_parser("demo", help="the embedded-model demo (SmolLM2-135M target)")
     draft = sub.add_parser("draft", help="draft from a SEDD checkpoint and print the drafts")
     draft.add_argument("model", help="SEDD checkpoint folder, hub id or sedd-small/sedd-medium")
@@ -57,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from .vllm_plugin.serve import main as serve_main
 
         return serve_main(argv[1:]) or 0
-    if argv and argv[0] == "train" and ("--kind=conditioned" in argv or any(
-            a == "--kind" and b == "conditioned" for a, b in zip(argv, argv[1:]))):
-        # The target-conditioned drafter has its own pipeline and options.
+    if argv and argv[0] == "train" and any(
+            f"--kind={kind}" in argv or any(a == "--kind" and b == kind for a, b in zip(argv, argv[1:]))
+            for kind in ("conditioned", "dflash")):
+        # Target-conditioned drafters (ours, and the DFlash-format peer) have their own pipeline.
         from .training.conditioned import run_conditioned
 
         run_conditioned(argv[1:])

@@ -48,6 +48,15 @@ class ConditionedConfig:
     # anchor) to every block slot's input: a direct path to the target's freshest state (as EAGLE
     # feeds it), on top of the context keys/values (as DFlash does).
     anchor_feature: bool = True
+    # Add a projection of the token embedding of the last revealed position before each masked slot
+    # (the anchor, or the last token unmasked by an earlier step): a one-layer drafter then knows, in
+    # its queries, which token it continues, which copying from the context needs.
+    last_token_feature: bool = False
+    # Scale each target layer's slice to unit RMS before `fc` (False: fc on the raw concatenation,
+    # as vLLM's DFlash model does).
+    fuse_scaling: bool = True
+    # Per-head RMSNorm of queries and keys before RoPE (Qwen3 attention, as vLLM's DFlash model has).
+    qk_norm: bool = False
     tokenizer_fingerprint: str = ""
     target_name: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -148,6 +157,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def key_value(self, x: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +168,8 @@ class Attention(nn.Module):
         n, length, _ = x.shape
         k = self.k_proj(x).view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            k = self.k_norm(k)
         return apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -164,6 +179,8 @@ class Attention(nn.Module):
         (True = attend)."""
         n, length, _ = x.shape
         q = self.q_proj(x).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         k, v = self.key_value(x, cos, sin)
         k = torch.cat([context_k.to(k.dtype), k], dim=2)
@@ -217,6 +234,8 @@ class ConditionedDenoiser(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         if config.anchor_feature:
             self.anchor_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        if config.last_token_feature:
+            self.last_token_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         draft_vocab = torch.arange(config.draft_vocab_size or config.vocab_size, dtype=torch.long)
         self.register_buffer("draft_vocab", draft_vocab)  # [draft_vocab] target token ids
         self.embed_weight: torch.Tensor | None = None
@@ -260,8 +279,11 @@ class ConditionedDenoiser(nn.Module):
         Each target layer's slice is RMS-scaled first: middle-layer states reach |x| ~ 3e4 at
         sequence starts, which a plain linear map would let dominate.
         """
+        features = features.to(self.fc.weight.dtype)
+        if not self.config.fuse_scaling:
+            return self.hidden_norm(self.fc(features))
         n_layers = len(self.config.target_layer_ids)
-        parts = features.to(self.fc.weight.dtype).unflatten(-1, (n_layers, -1))
+        parts = features.unflatten(-1, (n_layers, -1))
         parts = parts * torch.rsqrt(parts.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(parts.dtype)
         return self.hidden_norm(self.fc(parts.flatten(-2)))
 
@@ -283,7 +305,16 @@ class ConditionedDenoiser(nn.Module):
             raise RuntimeError("attach_target(embedding, lm_head) before running the drafter")
         safe = torch.where(revealed, token_ids, torch.zeros_like(token_ids))
         tokens = F.embedding(safe, self.embed_weight.to(self.fc.weight.device)).to(self.fc.weight.dtype)
-        return torch.where(revealed[..., None], tokens, self.mask_embedding.to(tokens.dtype))
+        x = torch.where(revealed[..., None], tokens, self.mask_embedding.to(tokens.dtype))
+        if self.config.last_token_feature:
+            # Index of the last revealed position at or before each slot. Every block starts with
+            # its (revealed) anchor, so in rows that concatenate blocks the index stays in the block.
+            index = torch.arange(token_ids.shape[-1], device=token_ids.device).expand_as(token_ids)
+            last = torch.where(revealed, index, torch.zeros_like(index)).cummax(dim=-1).values
+            last_tokens = tokens.gather(-2, last[..., None].expand_as(tokens))
+            x = x + torch.where(revealed[..., None], torch.zeros_like(x),
+                                self.last_token_proj(last_tokens))
+        return x
 
     def block_hidden(self, token_ids: torch.Tensor, revealed: torch.Tensor, positions: torch.Tensor,
                      context_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -320,7 +351,8 @@ def init_from_target_layer(model: ConditionedDenoiser, target, layer_index: int)
     source = layers[layer_index].state_dict()
     for layer in model.layers:
         missing = layer.load_state_dict(source, strict=False)
-        if missing.missing_keys:
+        # q_norm / k_norm (qk_norm drafters) have no Llama counterpart: they start at ones.
+        if [k for k in missing.missing_keys if not k.startswith(("self_attn.q_norm", "self_attn.k_norm"))]:
             raise ValueError(f"target layer {layer_index} lacks {missing.missing_keys}: its shapes or "
                              "names differ from a Llama decoder layer")
     norm = getattr(target.model, "norm", None)

@@ -36,6 +36,7 @@ from vllm_specdiff.models.conditioned import (ConditionedConfig, ConditionedDeno
                                               build_target_layer_ids, init_from_target_layer,
                                               init_weights)
 from vllm_specdiff.models.conditioned_checkpoint import save_conditioned, tokenizer_fingerprint
+from vllm_specdiff.models.dflash_format import choose_mask_token_id, dflash_compatible, export_dflash
 
 
 def _log(msg: str) -> None:
@@ -207,6 +208,7 @@ def _step_chunks(num_draft_tokens: int, num_steps: int) -> list[tuple[int, int]]
 
 @dataclass
 class ConditionedTrainConfig:
+    kind: str = "conditioned"  # or "dflash": vLLM's DFlash model, exported in its format
     target: str | None = None
     out: str = "drafter"
     work_dir: str | None = None
@@ -215,6 +217,7 @@ class ConditionedTrainConfig:
     num_target_layers: int = 3
     draft_vocab_size: int = 8192
     init_layer: int | None = -1  # target layer to start from (-1: the last); None: random init
+    last_token_feature: bool = True  # see ConditionedConfig.last_token_feature
     greedy_prompts: int = 160
     sampled_prompts: int = 64
     real_windows: int = 128
@@ -251,6 +254,8 @@ class ConditionedTrainConfig:
             raise ValueError("--prompt-tokens + --new-tokens must exceed the block size")
         if not 0 <= self.reveal_fraction <= 1:
             raise ValueError(f"--reveal-fraction must be in [0, 1], got {self.reveal_fraction}")
+        if self.kind not in ("conditioned", "dflash"):
+            raise ValueError(f"--kind must be conditioned or dflash, got {self.kind!r}")
         if self.lr <= 0 or self.gamma <= 0:
             raise ValueError("--lr and --gamma must be > 0")
 
@@ -292,7 +297,8 @@ def config_for_target(target, tokenizer, cfg: ConditionedTrainConfig, draft_voca
         rope_theta=float(getattr(text, "rope_theta", None)
                          or (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
         rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-5)),
-        draft_vocab_size=draft_vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        draft_vocab_size=draft_vocab_size, last_token_feature=cfg.last_token_feature,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         target_name=target_name)
 
 
@@ -375,6 +381,8 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
     vocab_size = int(text.vocab_size)
     draft_vocab_size = cfg.draft_vocab_size if 0 < cfg.draft_vocab_size < vocab_size else None
     config = config_for_target(target, tokenizer, cfg, draft_vocab_size, target_name=str(target_dir))
+    if cfg.kind == "dflash":
+        config = dflash_compatible(config)
     model = ConditionedDenoiser(config)
     init_weights(model)
     if cfg.init_layer is not None:
@@ -428,7 +436,13 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
                     "train_sequences": int(train_seqs.shape[0]), "seq_len": seq_len,
                     "minutes": round((elapsed_before + time.time() - t0) / 60, 2),
                     "learning_curve": curve}
-        save_conditioned(model, out, dtype=getattr(torch, cfg.export_dtype), metadata=metadata)
+        dtype = getattr(torch, cfg.export_dtype)
+        if cfg.kind == "dflash":  # vLLM's format in --out; ours (for evaluation) in the work dir
+            export_dflash(model, out, choose_mask_token_id(tokenizer), dtype=dtype)
+            (out / "training.json").write_text(json.dumps(metadata, indent=2) + "\n")
+            save_conditioned(model, work / "drafter", dtype=dtype, metadata=metadata)
+        else:
+            save_conditioned(model, out, dtype=dtype, metadata=metadata)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "elapsed": elapsed_before + time.time() - t0, "positions_seen": positions_seen,
                     "curve": curve, "rng": torch.get_rng_state()}, state_path.with_suffix(".tmp"))
@@ -484,8 +498,13 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
 
 def add_conditioned_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = ConditionedTrainConfig()
-    parser.add_argument("--kind", choices=("conditioned",), default="conditioned")
+    parser.add_argument("--kind", choices=("conditioned", "dflash"), default="conditioned",
+                        help="conditioned: our drafter (checkpoint for --speculative-method "
+                             "specdiff); dflash: the same training of a drafter restricted to vLLM's "
+                             "DFlash model, exported for --speculative-method dflash (a peer)")
     for name, value in asdict(defaults).items():
+        if name == "kind":
+            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
@@ -504,7 +523,7 @@ def run_conditioned(argv: Sequence[str]) -> dict:
     parser = add_conditioned_args(argparse.ArgumentParser(
         prog="vllm-specdiff train --kind conditioned", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k not in ("kind", "no_resume", "random_init")}
+    values = {k: v for k, v in vars(args).items() if k not in ("no_resume", "random_init")}
     if args.random_init:
         values["init_layer"] = None
     summary = train_conditioned(ConditionedTrainConfig(**values), resume=not args.no_resume)
