@@ -5,8 +5,9 @@ CPU): no speculation; vLLM's ngram and draft_model (AR drafter); specdiff with t
 drafter; specdiff with the conditioned drafter at T = 1 and at the other given T; specdiff options
 (adaptive, lookup) as given. Every row records method, k, T, draft policy, adaptive / lookup,
 runner settings, tokens/s, the acceptance histogram and its ratios to no speculation and to the
-best peer of the same (temperature, batch) cell. vLLM's dflash peer needs a DFlash-format
-checkpoint (`--dflash DIR`); without one it is left out and the table says so.
+best peer of the same (temperature, batch) cell. vLLM's dflash peer runs the DFlash-format drafter
+that `vllm-specdiff train --kind dflash` trained with the same data and budget as the shipped
+conditioned drafter (`--dflash DIR`, default the shipped one; `--dflash ''` leaves it out).
 
     python benchmarks/bench_peers.py --batches 1,4,16 --temperatures 0,1 --num-prompts 16 \
         --max-tokens 32 --out benchmarks/results/peers.jsonl
@@ -25,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
-    from vllm_specdiff.assets import (AR_DRAFTER_DIR, CONDITIONED_DRAFTER_DIR, SEDD_DRAFTER_DIR,
-                                      prepare_target, target_tokenizer)
+    from vllm_specdiff.assets import (AR_DRAFTER_DIR, CONDITIONED_DRAFTER_DIR, DFLASH_DRAFTER_DIR,
+                                      SEDD_DRAFTER_DIR, prepare_target, target_tokenizer)
     from vllm_specdiff.data import heldout_prompts
     from vllm_specdiff.engine.offline import (EngineSpec, add_speedups, default_dtype, device_name,
                                               format_table, run_isolated)
@@ -43,10 +44,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cond-steps", default="1,2", help="T values of the conditioned drafter")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--dflash", default=None, help="DFlash-format drafter for vLLM's dflash")
+    parser.add_argument("--dflash", default=None,
+                        help="DFlash-format drafter for vLLM's dflash (default: the shipped one)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default="benchmarks/results/peers.jsonl")
     args = parser.parse_args(argv)
+    if args.dflash is None:
+        args.dflash = str(DFLASH_DRAFTER_DIR)
     dtype = default_dtype(args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     temperatures = [float(t) for t in args.temperatures.split(",")]

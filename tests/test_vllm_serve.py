@@ -101,14 +101,14 @@ def stop_process_group(process: subprocess.Popen) -> None:
 class Server:
     """A server process started at construction; `wait_ready()` blocks until /health answers."""
 
-    def __init__(self, argv: list[str], log_path: Path, model: str) -> None:
+    def __init__(self, argv: list[str], log_path: Path, model: str, extra: list[str] = ()) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.model = model
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
-                [*argv, *COMMON_FLAGS, "--port", str(self.port)], stdout=log,
+                [*argv, *COMMON_FLAGS, *extra, "--port", str(self.port)], stdout=log,
                 stderr=subprocess.STDOUT, env={**os.environ, **ENV},
                 start_new_session=True)  # own process group: stopped as a whole
 
@@ -189,10 +189,13 @@ def send(client, model: str, index: int, name: str, request: dict):
         return name, "error", (err.status_code, str(err))
 
 
-def run_mix(server: Server) -> dict[str, tuple]:
-    """REQUEST_MIX, 16 requests at once, good and bad interleaved."""
+def run_mix(server: Server, copies: int = 1) -> dict[str, tuple]:
+    """REQUEST_MIX (`copies` times, names suffixed by the copy), 16 * copies requests at once, good and
+    bad interleaved."""
     requests = [*GOOD_REQUESTS.items(), *BAD_REQUESTS.items()]
     order = [requests[i] for i in (list(range(0, 16, 2)) + list(range(1, 16, 2)))]
+    if copies > 1:
+        order = [(f"{name}#{c}", request) for c in range(copies) for name, request in order]
     client = server.client()
     with ThreadPoolExecutor(len(order)) as pool:
         futures = [pool.submit(send, client, server.model, i, name, request)
@@ -203,16 +206,23 @@ def run_mix(server: Server) -> dict[str, tuple]:
 
 
 def check_mix(server: Server, results: dict[str, tuple]) -> None:
+    def copies(name):
+        return [key for key in results if key == name or key.startswith(name + "#")]
+
     for name in GOOD_REQUESTS:
-        status, value = results[name]
-        assert status == "ok", f"{name}: {value}\n{server.log_tail()}"
-        assert all(isinstance(text, str) for text in value)
-    assert len(results["n2"][1]) == 2
+        for key in copies(name):
+            status, value = results[key]
+            assert status == "ok", f"{key}: {value}\n{server.log_tail()}"
+            assert all(isinstance(text, str) for text in value)
+            if name == "n2":
+                assert len(value) == 2
     for name in BAD_REQUESTS:
-        status, value = results[name]
-        assert status == "error" and value[0] == 400, f"{name}: {status} {value}"
-    for name in ("min_p", "logit_bias"):
-        assert "speculative decoding" in results[name][1][1], results[name]
+        for key in copies(name):
+            status, value = results[key]
+            assert status == "error" and value[0] == 400, f"{key}: {status} {value}"
+            if name in ("min_p", "logit_bias"):
+                assert "speculative decoding" in value[1], results[key]
+    assert len(results) == sum(len(copies(n)) for n in [*GOOD_REQUESTS, *BAD_REQUESTS])
     # Still healthy and serving.
     assert server.process.poll() is None, server.log_tail()
     assert http("GET", f"{server.base}/health")[0] == 200
@@ -242,6 +252,38 @@ def test_vllm_serve_with_readme_flags_survives_the_request_mix(servers):
     assert "specdiff: drafter loaded on" in log_text  # engine core: the proposer ran
     assert "specdiff drafter: " in log_text and " ms/step" in log_text  # drafter time
     assert "guarded vLLM's top-k against empty batches" in log_text
+
+
+@pytest.fixture(scope="module")
+def conditioned_server(tmp_path_factory):
+    """The embedded target (SmolLM2-135M) served with the shipped conditioned drafter, 32 seats."""
+    from vllm_specdiff.assets import CONDITIONED_DRAFTER_DIR, prepare_target
+
+    target = str(prepare_target())
+    server = Server([vllm_console_script(), "serve", target,
+                     "--speculative-model", str(CONDITIONED_DRAFTER_DIR),
+                     "--speculative-method", "specdiff", "--num-speculative-tokens", "4",
+                     "--specdiff-draft-policy", "auto", "--specdiff-log-every", "1"],
+                    tmp_path_factory.mktemp("conditioned_logs") / "server.log", target,
+                    extra=["--max-num-seqs", "32"])
+    try:
+        yield server.wait_ready()
+    finally:
+        stop_process_group(server.process)
+
+
+def test_conditioned_drafter_serves_32_concurrent_requests_with_bad_ones_mixed_in(conditioned_server):
+    """32 requests at once (22 good of every kind above, 10 bad) against the embedded target and the
+    shipped conditioned drafter: every good one completes, every bad one gets a 400, the server
+    stays up, and the conditioned drafter did draft and got tokens accepted."""
+    server = conditioned_server
+    results = run_mix(server, copies=2)
+    assert len(results) == 32
+    check_mix(server, results)
+    counters = spec_decode_counters(server)
+    assert counters.get("vllm:spec_decode_num_drafts_total", 0) > 0, counters
+    assert counters.get("vllm:spec_decode_num_accepted_tokens_total", 0) > 0, counters
+    assert "specdiff: conditioned drafter loaded on" in server.log_path.read_text()
 
 
 def test_vllm_ngram_with_the_plugin_loaded_survives_the_request_mix(servers):

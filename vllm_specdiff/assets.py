@@ -26,6 +26,8 @@ DRAFTERS_DIR = Path(__file__).resolve().parent / "drafters"
 SEDD_DRAFTER_DIR = DRAFTERS_DIR / "sedd-smollm2"
 AR_DRAFTER_DIR = DRAFTERS_DIR / "ar-smollm2"
 CONDITIONED_DRAFTER_DIR = DRAFTERS_DIR / "conditioned-smollm2"
+# vLLM's own `dflash` method as a peer: a DFlash-format drafter from the same trainer, data and budget.
+DFLASH_DRAFTER_DIR = DRAFTERS_DIR / "dflash-smollm2"
 
 
 def cache_root() -> Path:

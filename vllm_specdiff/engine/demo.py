@@ -35,8 +35,8 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..assets import (AR_DRAFTER_DIR, CONDITIONED_DRAFTER_DIR, SEDD_DRAFTER_DIR, prepare_target,
-                         target_tokenizer)
+    from ..assets import (AR_DRAFTER_DIR, CONDITIONED_DRAFTER_DIR, DFLASH_DRAFTER_DIR,
+                          SEDD_DRAFTER_DIR, prepare_target, target_tokenizer)
     from ..data import heldout_prompts
     from .offline import EngineSpec, add_speedups, default_dtype, device_name, format_table, run_isolated
 
@@ -50,6 +50,7 @@ def run_demo(args: argparse.Namespace) -> int:
         EngineSpec("none"),
         EngineSpec("ngram", num_draft_tokens=args.ngram_draft_tokens),
         EngineSpec("draft_model", drafter=str(AR_DRAFTER_DIR), num_draft_tokens=args.ar_draft_tokens),
+        EngineSpec("dflash", drafter=str(DFLASH_DRAFTER_DIR), num_draft_tokens=args.num_draft_tokens),
         EngineSpec("specdiff", drafter=str(CONDITIONED_DRAFTER_DIR),
                    num_draft_tokens=args.num_draft_tokens, num_steps=args.num_steps,
                    options=(("adaptive", True), ("lookup", True))),
