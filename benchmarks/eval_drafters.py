@@ -46,6 +46,31 @@ def sequence_drafter_greedy(drafter, store, k: int, start: int, anchors_per_seq:
             "anchors": int(lengths.numel())}
 
 
+def ngram_greedy(store, k: int, start: int, anchors_per_seq: int) -> dict:
+    """Simulated greedy acceptance of prompt lookup (vLLM's ngram: n from 4 down to 2) on the same
+    anchors; no match = no drafts (acceptance length 1)."""
+    from vllm_specdiff.drafting.lookup import prompt_lookup
+
+    seq_len = store.token_ids.shape[1]
+    anchors = torch.linspace(start, seq_len - k - 1, anchors_per_seq).round().long().unique()
+    lengths, per_slot = [], torch.zeros(k)
+    for row in range(store.num_sequences):
+        tokens = store.token_ids[row].numpy()
+        for a in anchors.tolist():
+            guess = prompt_lookup(tokens, a + 1, k, min_n=2, max_n=4)
+            run = 0
+            for j, token in enumerate(guess):
+                greedy = int(store.topk_ids[row, a + j, 0])
+                if token != greedy or int(tokens[a + 1 + j]) != greedy:
+                    break
+                run += 1
+            per_slot[:run] += 1
+            lengths.append(1 + run)
+    return {"acceptance_length": round(sum(lengths) / len(lengths), 4),
+            "slot_accept": [round(float(v), 4) for v in per_slot / len(lengths)],
+            "anchors": len(lengths)}
+
+
 @torch.no_grad()
 def temperature_one_expectation(model, target, store, k: int, num_steps: int, policy: str,
                                 start: int, anchors_per_seq: int, samples: int = 4) -> float:
@@ -124,6 +149,31 @@ def costs(model, target, k: int, num_steps: int, batch: int, context: int = 128,
             "target_decode_ms": decode_ms, "target_verify_ms": verify_ms}
 
 
+def plot_acceptance_vs_k(rows: list[dict], path: str) -> None:
+    """Simulated greedy acceptance length vs k, one line per drafter (its T = 1 rows, or its only T)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["drafter"] for r in rows):
+        mine = [r for r in rows if r["drafter"] == name]
+        if any(r["num_steps"] == 1 for r in mine) and name != "ar (draft_model)":
+            mine = [r for r in mine if r["num_steps"] == 1]
+        mine = sorted(mine, key=lambda r: r["num_draft_tokens"])
+        ax.plot([r["num_draft_tokens"] for r in mine], [r["acceptance_length"] for r in mine],
+                marker="o", label=name)
+    ax.set_xlabel("draft tokens k")
+    ax.set_ylabel("simulated acceptance length (greedy)")
+    ax.set_title("held-out BBC, SmolLM2-135M's own greedy text")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     from vllm_specdiff.assets import (AR_DRAFTER_DIR, CONDITIONED_DRAFTER_DIR, SEDD_DRAFTER_DIR,
                                       prepare_target, target_tokenizer)
@@ -137,6 +187,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", required=True, help="the conditioned trainer's work dir")
     parser.add_argument("--drafter", default=str(CONDITIONED_DRAFTER_DIR))
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                        help="more conditioned-format drafters for the greedy table (T = 1), e.g. "
+                             "'dflash (peer)=WORK/drafter' (the DFlash peer's copy in our format) or "
+                             "an earlier version")
+    parser.add_argument("--k-plot", default="benchmarks/results/acceptance-vs-k.png")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--anchors-per-seq", type=int, default=16)
     parser.add_argument("--t1-sequences", type=int, default=6)
@@ -167,6 +222,18 @@ def main(argv=None) -> int:
                                      anchors_per_seq=args.anchors_per_seq)
             rows.append({"drafter": "conditioned", **r})
             print(json.dumps(rows[-1]), flush=True)
+    for spec in (args.compare if "greedy" in parts else ()):
+        name, _, folder = spec.partition("=")
+        other = load_conditioned(folder, target.get_input_embeddings().weight,
+                                 target.get_output_embeddings().weight, target_config=target.config)
+        for k in (2, 4, 8):
+            r = simulated_acceptance(other, store, k, 1, start=start, anchors_per_seq=args.anchors_per_seq)
+            rows.append({"drafter": name, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    for k in ((2, 4, 8) if "greedy" in parts else ()):
+        r = ngram_greedy(store, k, start, args.anchors_per_seq)
+        rows.append({"drafter": "ngram (prompt lookup)", "num_draft_tokens": k, "num_steps": 0, **r})
+        print(json.dumps(rows[-1]), flush=True)
     sedd = SEDD.from_pretrained(SEDD_DRAFTER_DIR).eval()
     for k, steps in (((4, 1), (8, 2)) if "greedy" in parts else ()):
         r = sequence_drafter_greedy(DiffusionDrafter(sedd, k, steps, window=128), store, k, start,
@@ -218,6 +285,9 @@ def main(argv=None) -> int:
         print(f"  batch {c['batch']} k={c['num_draft_tokens']} T={c['num_steps']}: drafter "
               f"{c['drafter_ms']:.1f} (full 49k head {c['drafter_ms_full_vocabulary']:.1f}), target decode {c['target_decode_ms']:.1f}, verify "
               f"{c['target_verify_ms']:.1f} -> projected {c['projected_speedup_greedy']:.2f}x (greedy)")
+    if rows:
+        plot_acceptance_vs_k(rows, args.k_plot)
+        print(f"wrote {args.k_plot}")
     if curve:
         import matplotlib
 
