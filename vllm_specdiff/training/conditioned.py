@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -37,6 +36,7 @@ from vllm_specdiff.models.conditioned import (ConditionedConfig, ConditionedDeno
                                               init_weights)
 from vllm_specdiff.models.conditioned_checkpoint import save_conditioned, tokenizer_fingerprint
 from vllm_specdiff.models.dflash_format import choose_mask_token_id, dflash_compatible, export_dflash
+from vllm_specdiff.training import lr_at  # the same warmup + cosine schedule as the other trainers
 
 
 def _log(msg: str) -> None:
@@ -260,16 +260,6 @@ class ConditionedTrainConfig:
             raise ValueError("--lr and --gamma must be > 0")
 
 
-def _lr(step: int, cfg: ConditionedTrainConfig, elapsed: float) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    if cfg.max_minutes:
-        progress = max(progress, elapsed / (60 * cfg.max_minutes))
-    progress = min(1.0, progress)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def load_hf_target(target_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -466,7 +456,7 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
         reveal = torch.randint(1, k, anchors.shape, generator=gen) if k > 1 else torch.zeros_like(anchors)
         reveal = reveal * (torch.rand(anchors.shape, generator=gen) < cfg.reveal_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg, elapsed)
+            group["lr"] = lr_at(step, cfg, elapsed)
         loss, stats = conditioned_loss(model, part, anchors, reveal, to_draft, cfg.gamma, cfg.ce_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -260,12 +260,7 @@ class SpecDiffProposer:
         for row, ids in zip(rows, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
         if self.config.use_full_draft_probs:
-            if len(rows) == num_rows:
-                self._last_draft_probs = out.draft_probs
-            else:  # rows without drafts are never read (they schedule 0 draft tokens)
-                probs = out.draft_probs.new_zeros((num_rows, *out.draft_probs.shape[1:]))
-                probs[torch.tensor(rows, device=probs.device)] = out.draft_probs
-                self._last_draft_probs = probs
+            self._keep_draft_probs(out.draft_probs, rows, num_rows)
         self._record(len(rows), elapsed)
         if self._digest is not None:
             self._digest.update(repr((step, drafts)).encode())
@@ -326,11 +321,19 @@ class SpecDiffProposer:
         for row, ids in zip(ready, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
         if sampled_rows:
-            probs = out.draft_probs.new_zeros((len(sampled_token_ids), *out.draft_probs.shape[1:]))
-            probs[torch.tensor(ready, device=probs.device)] = out.draft_probs
-            self._last_draft_probs = probs
+            self._keep_draft_probs(out.draft_probs, ready, len(sampled_token_ids))
         self._record(len(ready), elapsed)
         return drafts
+
+    def _keep_draft_probs(self, probs: torch.Tensor, rows: list[int], num_rows: int) -> None:
+        """Keep the drafted rows' q [len(rows), k, vocab] for the verifier as [num_rows, k, vocab];
+        rows without drafts stay zero and are never read (they schedule 0 draft tokens)."""
+        if rows == list(range(num_rows)):
+            self._last_draft_probs = probs
+            return
+        full = probs.new_zeros((num_rows, *probs.shape[1:]))
+        full[torch.tensor(rows, device=probs.device)] = probs
+        self._last_draft_probs = full
 
     def _draft_lengths(self, rows: list[int]) -> dict[int, int]:
         """Adaptive draft length per row (empty = num_draft_tokens for every row)."""
