@@ -200,6 +200,7 @@ class ConditionedDrafter:
             revealed[:, 1:] = known
         temperature = temperature.to(device=device, dtype=torch.float32)
         sample = (temperature > 0) & (policy == "sampled")
+        any_sampled = bool(sample.any())
         safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
         draft_vocab = model.draft_vocab
         probs_out = torch.zeros(n, k, self.vocab_size, device=device) if with_probs else None
@@ -212,11 +213,13 @@ class ConditionedDrafter:
             hidden = model.block_hidden(ids, revealed, positions, kv, mask,
                                         anchor_state)[:, 1 + lo:1 + hi]
             logits = model.draft_logits(hidden).float()  # [n, width_s, Vd]
-            probs = torch.softmax(logits / safe_t[:, None, None], dim=-1)
-            noise = _exponential(generator, probs.shape, device)
-            sampled_idx = torch.argmax(probs / noise, dim=-1)
-            greedy_idx = logits.argmax(-1)
-            idx = torch.where(sample[:, None], sampled_idx, greedy_idx)
+            idx = logits.argmax(-1)
+            probs = None
+            if any_sampled or probs_out is not None:
+                probs = torch.softmax(logits / safe_t[:, None, None], dim=-1)
+            if any_sampled:  # Gumbel-style: argmax of p / Exp(1) is a draw from p
+                noise = _exponential(generator, probs.shape, device)
+                idx = torch.where(sample[:, None], torch.argmax(probs / noise, dim=-1), idx)
             tokens = draft_vocab[idx]
             step_todo = todo[:, 1 + lo:1 + hi]
             ids[:, 1 + lo:1 + hi] = torch.where(step_todo, tokens, ids[:, 1 + lo:1 + hi])

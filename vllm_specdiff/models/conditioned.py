@@ -337,8 +337,13 @@ class ConditionedDenoiser(nn.Module):
         return self.norm(x)
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., hidden] -> logits over the draft vocabulary [..., draft_vocab]."""
-        return hidden @ self.draft_head.t()
+        """[..., hidden] -> logits over the draft vocabulary [..., draft_vocab].
+
+        One 2-D GEMM: on a sliced (non-contiguous) [n, s, hidden] input, `hidden @ head.t()` and
+        F.linear fall back to a bmm over n broadcast copies of the head (34 ms instead of a few at
+        batch 8 on this CPU)."""
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        return F.linear(rows, self.draft_head).view(*hidden.shape[:-1], -1)
 
 
 def init_from_target_layer(model: ConditionedDenoiser, target, layer_index: int) -> None:
