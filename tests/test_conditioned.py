@@ -3,7 +3,7 @@ draft() samples), its context cache, its checkpoint format and the standalone lo
 from __future__ import annotations
 
 import itertools
-from collections import Counter, defaultdict
+from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +14,8 @@ from vllm_specdiff.models.conditioned import ConditionedConfig, ConditionedDenoi
 from vllm_specdiff.models.conditioned_checkpoint import (ConditionedCheckpointError, check_target,
                                                          load_conditioned, save_conditioned)
 
-VOCAB = 4
+from exact_law import VOCAB, continuation_law, round_output_law, total_variation
+
 CONTEXT_LEN = 5
 
 
@@ -44,50 +45,6 @@ def tiny_model(block_size: int = 4, draft_vocab: list[int] | None = None, seed: 
 
 def features(seed: int = 5, length: int = CONTEXT_LEN) -> torch.Tensor:
     return torch.randn(length, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def target_law(prefix: tuple[int, ...]) -> torch.Tensor:
-    """A tiny 'target LM': a fixed random next-token law per prefix (float64 [VOCAB])."""
-    gen = torch.Generator().manual_seed(hash(("target",) + prefix) % (2**31))
-    return torch.softmax(1.5 * torch.randn(VOCAB, generator=gen, dtype=torch.float64), -1)
-
-
-def continuation_law(prefix: tuple[int, ...], horizon: int) -> dict[tuple[int, ...], float]:
-    law = {(): 1.0}
-    for _ in range(horizon):
-        law = {s + (y,): w * float(target_law(prefix + s)[y]) for s, w in law.items() for y in range(VOCAB)}
-    return law
-
-
-def round_output_law(drafts, horizon: int) -> dict[tuple[int, ...], float]:
-    """Exact law of one speculative round (Leviathan et al. 2023) extended to `horizon` tokens by the
-    target; drafts: (tokens, probability, recorded rows)."""
-    out: dict[tuple[int, ...], float] = defaultdict(float)
-
-    def emit(seq, weight):
-        for tail, w in continuation_law(seq, horizon - len(seq)).items():
-            out[seq + tail] += weight * w
-
-    for tokens, weight, rows in drafts:
-        reach, prefix = weight, ()
-        for token, row in zip(tokens, rows):
-            target_row = target_law(prefix)
-            accept = min(1.0, float(target_row[token] / row[token]))
-            residual = torch.clamp(target_row - row, min=0)
-            if residual.sum() > 0:
-                residual = residual / residual.sum()
-                for y in range(VOCAB):
-                    if residual[y] > 0:
-                        emit(prefix + (y,), reach * (1 - accept) * float(residual[y]))
-            reach *= accept
-            prefix += (token,)
-        for y in range(VOCAB):
-            emit(prefix + (y,), reach * float(target_law(prefix)[y]))
-    return out
-
-
-def total_variation(a, b) -> float:
-    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
 
 
 def block_rows(model: ConditionedDenoiser, tokens: tuple[int, ...], k: int, lo: int, hi: int,
@@ -153,14 +110,14 @@ def make_cache(drafter: ConditionedDrafter, num_slots: int):
                                                (3, 3, "shipped"), (3, 2, "plain"), (3, 3, "dflash")])
 def test_left_to_right_full_q_is_exact(k, steps, variant):
     model = tiny_model(block_size=k + 1, variant=variant)
-    law = round_output_law(enumerate_drafts(model, k, steps), horizon=k + 1)
+    law = round_output_law((), enumerate_drafts(model, k, steps), horizon=k + 1)
     assert total_variation(law, continuation_law((), k + 1)) < 1e-9
 
 
 def test_reduced_draft_vocabulary_is_exact():
     """q = 0 outside the draft vocabulary: the verifier's residual covers those tokens."""
     model = tiny_model(block_size=3, draft_vocab=[0, 2, 3])
-    law = round_output_law(enumerate_drafts(model, 2, 2), horizon=3)
+    law = round_output_law((), enumerate_drafts(model, 2, 2), horizon=3)
     assert total_variation(law, continuation_law((), 3)) < 1e-9
 
 
@@ -172,7 +129,7 @@ def test_argmax_drafts_with_one_hot_q_are_exact():
                             policy="argmax", num_steps=steps)
         tokens = tuple(out.token_ids[0].tolist())
         assert torch.equal(out.draft_probs[0], torch.nn.functional.one_hot(out.token_ids[0], VOCAB).float())
-        law = round_output_law([(tokens, 1.0, list(out.draft_probs[0].double()))], horizon=4)
+        law = round_output_law((), [(tokens, 1.0, list(out.draft_probs[0].double()))], horizon=4)
         assert total_variation(law, continuation_law((), 4)) < 1e-9
 
 
@@ -180,7 +137,7 @@ def test_lookup_revealed_slots_are_exact():
     """Slots filled from the context (prompt lookup) are a point mass given the context."""
     model = tiny_model(block_size=4)
     known = {1: 2}
-    law = round_output_law(enumerate_drafts(model, 3, 2, known), horizon=4)
+    law = round_output_law((), enumerate_drafts(model, 3, 2, known), horizon=4)
     assert total_variation(law, continuation_law((), 4)) < 1e-9
 
 

@@ -1,7 +1,6 @@
 """DiffusionDrafter: exactness of the draft laws (enumeration), properties and input errors."""
 from __future__ import annotations
 
-import functools
 import itertools
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,7 +14,8 @@ from vllm_specdiff.diffusion import SAMPLING_EPS, time_grid, total_noise
 from vllm_specdiff.drafting.base import tempered_probs
 from vllm_specdiff.drafting.diffusion import analytic_step_law
 
-VOCAB = 4
+from exact_law import VOCAB, continuation_law, round_output_law, target_law, total_variation
+
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "markov-sedd"
@@ -37,53 +37,6 @@ def random_sedd(tokens: int = 30, length: int = 32, seed: int = 0) -> SEDD:
             torch.nn.init.normal_(param, std=0.1)
     torch.nn.init.normal_(model.output_layer.linear.weight, std=0.1)
     return model.requires_grad_(False)
-
-
-@functools.lru_cache(maxsize=None)
-def target_law(prefix: tuple[int, ...]) -> torch.Tensor:
-    """A tiny 'target LM': a fixed random next-token law for every prefix (float64 [VOCAB]).
-    Cached: the enumerations ask for the same prefixes many times (never mutate the result)."""
-    gen = torch.Generator().manual_seed(hash(("target",) + prefix) % (2**31))
-    return torch.softmax(1.5 * torch.randn(VOCAB, generator=gen, dtype=torch.float64), -1)
-
-
-def continuation_law(prefix: tuple[int, ...], horizon: int) -> dict[tuple[int, ...], float]:
-    law = {(): 1.0}
-    for _ in range(horizon):
-        law = {seq + (y,): w * float(target_law(prefix + seq)[y]) for seq, w in law.items() for y in range(VOCAB)}
-    return law
-
-
-def round_output_law(context, drafts, horizon) -> dict[tuple[int, ...], float]:
-    """Exact law of one speculative round (Leviathan et al. 2023, Alg. 1), extended to `horizon`
-    tokens by the target. drafts: iterable of (draft tokens, probability, recorded draft rows)."""
-    out: dict[tuple[int, ...], float] = defaultdict(float)
-
-    def emit(seq, weight):
-        for tail, w in continuation_law(tuple(context) + seq, horizon - len(seq)).items():
-            out[seq + tail] += weight * w
-
-    for tokens, draft_weight, draft_rows in drafts:
-        reach, prefix = draft_weight, ()
-        for token, draft_row in zip(tokens, draft_rows):
-            target_row = target_law(tuple(context) + prefix)
-            accept = min(1.0, float(target_row[token] / draft_row[token]))
-            residual = torch.clamp(target_row - draft_row, min=0)
-            if residual.sum() > 0:
-                residual = residual / residual.sum()
-                for y in range(VOCAB):
-                    if residual[y] > 0:
-                        emit(prefix + (y,), reach * (1 - accept) * float(residual[y]))
-            reach *= accept
-            prefix += (token,)
-        target_row = target_law(tuple(context) + prefix)
-        for y in range(VOCAB):
-            emit(prefix + (y,), reach * float(target_row[y]))
-    return out
-
-
-def total_variation(law_a, law_b) -> float:
-    return 0.5 * sum(abs(law_a.get(k, 0.0) - law_b.get(k, 0.0)) for k in set(law_a) | set(law_b))
 
 
 def initial_indices(drafter: DiffusionDrafter, context):
