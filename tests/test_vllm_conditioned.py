@@ -14,8 +14,8 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 from conftest import SMALL_VOCAB, _CORPUS, _train_tokenizer  # noqa: E402
-from test_vllm_plugin import (LAW_P_MIN, chi_square_p, make_llm, proposer_stats, shutdown,  # noqa: E402
-                              spec_counters)
+from test_vllm_plugin import (LAW_P_MIN, LAW_TOKENS, chi_square_p, exact_law, make_llm,  # noqa: E402
+                              proposer_stats, sample_continuations, shutdown, spec_counters)
 
 from vllm_specdiff.data.target_features import FeatureStore  # noqa: E402
 from vllm_specdiff.models.conditioned import (ConditionedConfig, ConditionedDenoiser,  # noqa: E402
@@ -228,58 +228,28 @@ def test_greedy_is_token_identical_with_prefix_caching_and_chunked_prefill(
 
 
 LAW_PROMPT = [3, 1, 4, 1, 5, 2, 6, 1, 2, 7]
-LAW_TOKENS = 3
 LAW_REQUESTS = 2000
-
-
-@torch.no_grad()
-def llama_exact_law(model_dir: Path, prompt: list[int], num_tokens: int, temperature: float,
-                    top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
-    from test_vllm_plugin import _filtered_probs
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    law = torch.ones(1, dtype=torch.float64)
-    prefixes = torch.tensor([prompt])
-    vocab = model.config.vocab_size
-    for _ in range(num_tokens):
-        probs = _filtered_probs(model(prefixes).logits[:, -1], temperature, top_k, top_p)
-        law = (law[:, None] * probs).reshape(-1)
-        prefixes = torch.cat([prefixes.repeat_interleave(vocab, 0),
-                              torch.arange(vocab).repeat(prefixes.shape[0])[:, None]], dim=1)
-    return law.reshape([vocab] * num_tokens)
-
-
-def _sample(llm, num: int, seed_offset: int, **sampling) -> torch.Tensor:
-    from vllm import SamplingParams
-
-    params = [SamplingParams(max_tokens=LAW_TOKENS, ignore_eos=True, seed=seed_offset + i, **sampling)
-              for i in range(num)]
-    outs = llm.generate([{"prompt_token_ids": LAW_PROMPT}] * num, params, use_tqdm=False)
-    counts = torch.zeros([SMALL_VOCAB] * LAW_TOKENS)
-    for out in outs:
-        counts[tuple(out.outputs[0].token_ids)] += 1
-    return counts
 
 
 @pytest.mark.parametrize("policy", ["sampled", "argmax"])
 def test_engine_output_law_is_the_target_law(small_llama_target, small_llama_drafter, policy):
-    law_a = llama_exact_law(small_llama_target, LAW_PROMPT, LAW_TOKENS, 1.0)
-    law_b = llama_exact_law(small_llama_target, LAW_PROMPT, LAW_TOKENS, 0.7, 5, 0.9)
+    law_a = exact_law(small_llama_target, LAW_PROMPT, LAW_TOKENS, temperature=1.0)
+    law_b = exact_law(small_llama_target, LAW_PROMPT, LAW_TOKENS, temperature=0.7, top_k=5, top_p=0.9)
     # Lookup on (the prompt repeats n-grams), adaptive off (every step drafts: more power).
     spec = conditioned_config(small_llama_drafter, num_steps=2, draft_policy=policy,
                               verifier="specdiff", adaptive=False, lookup=True)
     llm = make_llm(small_llama_target, spec, skip_tokenizer_init=True, max_num_seqs=256)
     try:
-        counts_a = _sample(llm, LAW_REQUESTS, 0, temperature=1.0)
-        counts_b = _sample(llm, LAW_REQUESTS, 10**6, temperature=0.7, top_k=5, top_p=0.9)
+        counts_a = sample_continuations(llm, LAW_REQUESTS, 0, LAW_PROMPT, SMALL_VOCAB, temperature=1.0)
+        counts_b = sample_continuations(llm, LAW_REQUESTS, 10**6, LAW_PROMPT, SMALL_VOCAB,
+                                        temperature=0.7, top_k=5, top_p=0.9)
         counters = spec_counters(llm)
     finally:
         shutdown(llm)
     p_a, p_b = chi_square_p(counts_a, law_a), chi_square_p(counts_b, law_b)
     p_a2 = chi_square_p(counts_a.sum(-1), law_a.sum(-1))
     # Power: the same counts against a slightly wrong law (another temperature) must fail.
-    law_wrong = llama_exact_law(small_llama_target, LAW_PROMPT, LAW_TOKENS, 1.3)
+    law_wrong = exact_law(small_llama_target, LAW_PROMPT, LAW_TOKENS, temperature=1.3)
     p_wrong = chi_square_p(counts_a, law_wrong)
     accepted = counters["vllm:spec_decode_num_accepted_tokens"]
     print(f"{policy}: p={p_a:.3f} (T=1), p={p_b:.3f} (T=0.7 top-k 5 top-p 0.9), p2={p_a2:.3f}, "

@@ -568,9 +568,9 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = -1,
 
 def exact_law(model_dir: Path, prompt: list[int], num_tokens: int, **sampling) -> torch.Tensor:
     """P(x_1..x_n | prompt) over all V^n continuations, from the HF target: [V] * n float64."""
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     law = torch.ones(1, dtype=torch.float64)
     prefixes = torch.tensor([prompt])
     vocab = model.config.vocab_size
@@ -600,13 +600,15 @@ def chi_square_p(counts: torch.Tensor, law: torch.Tensor) -> float:
     return float(chi2.sf(statistic, len(expected) - 1))
 
 
-def sample_continuations(llm, num_requests: int, seed_offset: int = 0, **sampling) -> torch.Tensor:
+def sample_continuations(llm, num_requests: int, seed_offset: int = 0, prompt=LAW_PROMPT,
+                         vocab: int | None = None, **sampling) -> torch.Tensor:
+    """Counts [vocab] * LAW_TOKENS of the engine's continuations of `prompt` (one seed a request)."""
     from vllm import SamplingParams
 
     params = [SamplingParams(max_tokens=LAW_TOKENS, ignore_eos=True, seed=seed_offset + i, **sampling)
               for i in range(num_requests)]
-    outs = llm.generate([{"prompt_token_ids": LAW_PROMPT}] * num_requests, params, use_tqdm=False)
-    counts = torch.zeros([SMALL_VOCAB] * LAW_TOKENS)
+    outs = llm.generate([{"prompt_token_ids": prompt}] * num_requests, params, use_tqdm=False)
+    counts = torch.zeros([vocab or SMALL_VOCAB] * LAW_TOKENS)
     for out in outs:
         counts[tuple(out.outputs[0].token_ids)] += 1
     return counts
