@@ -217,7 +217,11 @@ class ConditionedTrainConfig:
     num_target_layers: int = 3
     draft_vocab_size: int = 8192
     init_layer: int | None = -1  # target layer to start from (-1: the last); None: random init
-    last_token_feature: bool = True  # see ConditionedConfig.last_token_feature
+    # Architecture switches (see ConditionedConfig): extra block inputs, q/k norm, feature scaling.
+    last_token_feature: bool = True
+    anchor_feature: bool = True
+    qk_norm: bool = False
+    fuse_scaling: bool = True
     greedy_prompts: int = 160
     sampled_prompts: int = 64
     real_windows: int = 128
@@ -288,6 +292,7 @@ def config_for_target(target, tokenizer, cfg: ConditionedTrainConfig, draft_voca
                          or (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
         rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-5)),
         draft_vocab_size=draft_vocab_size, last_token_feature=cfg.last_token_feature,
+        anchor_feature=cfg.anchor_feature, qk_norm=cfg.qk_norm, fuse_scaling=cfg.fuse_scaling,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         target_name=target_name)
 
