@@ -1,17 +1,26 @@
-"""Offline vLLM benchmark: no speculation vs vLLM's draft_model speculator vs specdiff.
+"""Offline vLLM benchmark: no speculation vs the speculators vLLM ships vs specdiff.
 
-For a target, a SEDD drafter (specdiff) and an autoregressive drafter (draft_model), with the
-embedded models by default (SmolLM2-135M + the project's drafters; any local or hub paths work), on
-held-out BBC News prompts or a JSONL file of prompts. Every engine is built once, in its own spawned
-process, and serves every (temperature, batch size) pair. Engines:
+For a target and its drafters, with the embedded models by default (SmolLM2-135M + the project's
+drafters; any local or hub paths work), on held-out BBC News prompts or a JSONL file of prompts.
+Every engine is built once, in its own spawned process, and serves every (temperature, batch size)
+pair. Engines (`--methods`), in run order:
 
-- no speculation, first and (full runs) again last, so drift of a shared machine shows;
-- draft_model on Model Runner V1 without async scheduling, the setting that specdiff's
-  `custom_class` hook forces: the fair comparison; a sweep over k;
-- draft_model on vLLM's default runner and scheduling (V2 runner where vLLM picks it; async
-  scheduling on), for what a user of stock vLLM gets;
-- specdiff: a sweep over num_draft_tokens at a fixed num_steps and over num_steps at a fixed
-  num_draft_tokens (`--sweep axes`, default) or their full grid (`--sweep grid`).
+- none: no speculation, first and (full runs) again last, so drift of a shared machine shows;
+- ngram: vLLM's prompt-lookup speculator, a sweep over k (the --draft-model-k list);
+- draft_model: vLLM's draft_model speculator (the AR drafter) on Model Runner V1 without async
+  scheduling, the setting that specdiff's `custom_class` hook forces: the fair comparison; a sweep
+  over k;
+- draft_model_default: draft_model on vLLM's default runner and scheduling (V2 runner where vLLM
+  picks it; async scheduling on), for what a user of stock vLLM gets;
+- dflash: vLLM's own dflash method with a DFlash-format drafter (`--dflash-drafter`, trained by
+  `vllm-specdiff train --kind dflash`), a sweep over k (the --draft-model-k list); in the default
+  --methods only when that folder exists;
+- specdiff: the standalone SEDD drafter, a sweep over num_draft_tokens at a fixed num_steps and
+  over num_steps at a fixed num_draft_tokens (`--sweep axes`, default) or their full grid
+  (`--sweep grid`);
+- specdiff_conditioned: specdiff with the conditioned drafter (`--conditioned-drafter`) at the
+  `--conditioned` k:T pairs, with its adaptive and lookup options (`--[no-]adaptive`,
+  `--[no-]lookup`, both on by default).
 
     python benchmarks/bench_offline.py --quick       # small grid, one engine per method
     python benchmarks/bench_offline.py               # the full grid (see benchmarks/README.md)
@@ -40,7 +49,18 @@ from vllm_specdiff.offline import (EngineSpec, add_speedups, default_dtype, devi
                                    run_engine)
 
 RUNNERS = ("v1", "default")
-ENGINE_KINDS = ("none", "draft_model", "draft_model_default", "specdiff")
+ENGINE_KINDS = ("none", "ngram", "draft_model", "draft_model_default", "dflash", "specdiff",
+                "specdiff_conditioned")
+# Engine families (a row's method, specdiff split by drafter kind) in run and table order.
+FAMILIES = ("none", "ngram", "draft_model", "dflash", "specdiff-sedd", "specdiff-conditioned")
+# Drafter options: args attribute -> (vllm_specdiff.assets default, methods that need the folder to
+# exist; dflash's folder is checked by speculator_specs, it needs a config.json).
+DRAFTER_OPTIONS = {
+    "sedd_drafter": ("SEDD_DRAFTER_DIR", ("specdiff",)),
+    "ar_drafter": ("AR_DRAFTER_DIR", ("draft_model", "draft_model_default")),
+    "dflash_drafter": ("DFLASH_DRAFTER_DIR", ()),
+    "conditioned_drafter": ("CONDITIONED_DRAFTER_DIR", ("specdiff_conditioned",)),
+}
 # Environment for offline CPU runs without a model hub (shared/docs/vllm.md); user values win.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -103,25 +123,92 @@ def specdiff_grid(num_draft_tokens: Sequence[int], num_steps: Sequence[int], swe
     return sorted(out)
 
 
-def build_engines(kinds: Sequence[str], sedd_drafter: str | None, ar_drafter: str | None,
-                  draft_model_k: Sequence[int], default_runner_k: Sequence[int],
-                  specdiff_pairs: Sequence[tuple[int, int]], window: int | None,
-                  baseline_reruns: int) -> list[BenchEngine]:
-    """The engines of one run, in run order: baseline first, then the speculators, then the
-    baseline again (baseline_reruns - 1 more times)."""
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    """'8:2,16:4' -> [(8, 2), (16, 4)] (num_draft_tokens:num_steps)."""
+    pairs = []
+    for item in text.split(","):
+        if item.strip():
+            k, _, t = item.partition(":")
+            pairs.append((int(k), int(t)))
+    return pairs
+
+
+def dflash_drafter_problem(drafter: str | None) -> str | None:
+    """Why `drafter` cannot serve vLLM's dflash method (no config.json there), or None."""
+    if drafter and (Path(drafter) / "config.json").is_file():
+        return None
+    return (f"the DFlash drafter folder {drafter} has no config.json: train one with "
+            "`vllm-specdiff train --kind dflash --out DIR` and pass --dflash-drafter DIR")
+
+
+def conditioned_specs(drafter: str | None, pairs: Sequence[tuple[int, int]], adaptive: bool,
+                      lookup: bool) -> list[EngineSpec]:
+    """specdiff with the conditioned drafter at each (k, T) pair, adaptive and lookup recorded."""
+    options = (("adaptive", adaptive), ("lookup", lookup))
+    specs = [EngineSpec("specdiff", drafter=drafter, num_draft_tokens=k, num_steps=t,
+                        options=options) for k, t in pairs]
+    if specs and specs[0].kind != "conditioned":
+        raise ValueError(f"{drafter} is not a conditioned drafter checkpoint (its config.json): "
+                         "pass --conditioned-drafter DIR")
+    return specs
+
+
+def speculator_specs(kinds: Sequence[str], *, sedd: str | None = None, ar: str | None = None,
+                     dflash: str | None = None, conditioned: str | None = None,
+                     draft_model_k: Sequence[int] = (), default_runner_k: Sequence[int] = (),
+                     specdiff_pairs: Sequence[tuple[int, int]] = (),
+                     conditioned_pairs: Sequence[tuple[int, int]] = (), window: int | None = None,
+                     adaptive: bool = True, lookup: bool = True) -> list[tuple[EngineSpec, str]]:
+    """The speculating engines of `kinds` as (EngineSpec, runner), in run order: ngram,
+    draft_model (runner v1, then "default"), dflash, specdiff SEDD, specdiff conditioned.
+
+    ngram and dflash sweep draft_model_k. Raises ValueError for an unknown kind, a dflash folder
+    without config.json or a conditioned drafter that is not one (only when that kind is asked).
+    Shared by bench_offline (engines) and bench_serve (servers).
+    """
     unknown = set(kinds) - set(ENGINE_KINDS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}: choose from {ENGINE_KINDS}")
-    engines = [BenchEngine(EngineSpec("none"))] if "none" in kinds else []
+    specs: list[tuple[EngineSpec, str]] = []
+    if "ngram" in kinds:
+        specs += [(EngineSpec("ngram", num_draft_tokens=k), "v1") for k in draft_model_k]
     if "draft_model" in kinds:
-        engines += [BenchEngine(EngineSpec("draft_model", drafter=ar_drafter, num_draft_tokens=k))
-                    for k in draft_model_k]
+        specs += [(EngineSpec("draft_model", drafter=ar, num_draft_tokens=k), "v1")
+                  for k in draft_model_k]
     if "draft_model_default" in kinds:
-        engines += [BenchEngine(EngineSpec("draft_model", drafter=ar_drafter, num_draft_tokens=k),
-                                runner="default") for k in default_runner_k]
+        specs += [(EngineSpec("draft_model", drafter=ar, num_draft_tokens=k), "default")
+                  for k in default_runner_k]
+    if "dflash" in kinds:
+        problem = dflash_drafter_problem(dflash)
+        if problem:
+            raise ValueError(problem)
+        specs += [(EngineSpec("dflash", drafter=dflash, num_draft_tokens=k), "v1")
+                  for k in draft_model_k]
     if "specdiff" in kinds:
-        engines += [BenchEngine(EngineSpec("specdiff", drafter=sedd_drafter, num_draft_tokens=k,
-                                           num_steps=t, window=window)) for k, t in specdiff_pairs]
+        specs += [(EngineSpec("specdiff", drafter=sedd, num_draft_tokens=k, num_steps=t,
+                              window=window), "v1") for k, t in specdiff_pairs]
+    if "specdiff_conditioned" in kinds:
+        specs += [(spec, "v1") for spec in conditioned_specs(conditioned, conditioned_pairs,
+                                                             adaptive, lookup)]
+    return specs
+
+
+def build_engines(kinds: Sequence[str], sedd_drafter: str | None, ar_drafter: str | None,
+                  draft_model_k: Sequence[int], default_runner_k: Sequence[int],
+                  specdiff_pairs: Sequence[tuple[int, int]], window: int | None,
+                  baseline_reruns: int, *, dflash_drafter: str | None = None,
+                  conditioned_drafter: str | None = None,
+                  conditioned_pairs: Sequence[tuple[int, int]] = (), adaptive: bool = True,
+                  lookup: bool = True) -> list[BenchEngine]:
+    """The engines of one run, in run order: baseline first, then the speculators
+    (speculator_specs), then the baseline again (baseline_reruns - 1 more times)."""
+    specs = speculator_specs(kinds, sedd=sedd_drafter, ar=ar_drafter, dflash=dflash_drafter,
+                             conditioned=conditioned_drafter, draft_model_k=draft_model_k,
+                             default_runner_k=default_runner_k, specdiff_pairs=specdiff_pairs,
+                             conditioned_pairs=conditioned_pairs, window=window,
+                             adaptive=adaptive, lookup=lookup)
+    engines = [BenchEngine(EngineSpec("none"))] if "none" in kinds else []
+    engines += [BenchEngine(spec, runner) for spec, runner in specs]
     if "none" in kinds:
         engines += [BenchEngine(EngineSpec("none"), baseline_run=i) for i in range(1, baseline_reruns)]
     return engines
@@ -228,6 +315,21 @@ def _accept(row: dict[str, Any]) -> float | None:
     return row.get("mean_acceptance_length")
 
 
+def engine_family(row: dict[str, Any]) -> str:
+    """The row's method, specdiff split by drafter kind (specdiff-sedd, specdiff-conditioned), so
+    that plots and tables never mix the two drafters. Rows without "kind" (older results) are
+    SEDD."""
+    if row["method"] != "specdiff":
+        return row["method"]
+    return f"specdiff-{row.get('kind') or 'sedd'}"
+
+
+def family_rank(row: dict[str, Any]) -> int:
+    """The row's engine family's position in FAMILIES (run order); unknown families last."""
+    family = engine_family(row)
+    return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+
+
 TABLE_COLUMNS = [
     ("engine", lambda r: r["label"], ""),
     ("runner", lambda r: (f"{r.get('model_runner', r.get('runner'))}"
@@ -238,33 +340,35 @@ TABLE_COLUMNS = [
     ("accept len", _accept, ".2f"),
     ("speedup", lambda r: r.get("speedup"), ".2f"),
     ("vs draft_model", lambda r: r.get("speedup_vs_draft_model"), ".2f"),
+    ("vs best peer", lambda r: r.get("speedup_vs_best_peer"), ".2f"),
     ("note", lambda r: r.get("error", "").splitlines()[0][:60] if r.get("error") else "", ""),
 ]
 
 
 def table_order(row: dict[str, Any]) -> tuple:
-    order = {"none": 0, "draft_model": 1, "specdiff": 2}
-    return (row.get("temperature") or 0, row.get("batch") or 0, order.get(row["method"], 3),
+    return (row.get("temperature") or 0, row.get("batch") or 0, family_rank(row),
             row.get("runner") != "v1", row.get("num_draft_tokens") or 0, row.get("num_steps") or 0,
             row.get("baseline_run", 0))
 
 
 def write_plots(rows: Sequence[dict[str, Any]], prefix: Path) -> list[Path]:
-    """speedup vs num_steps, acceptance length vs num_draft_tokens, tokens/s vs batch size."""
+    """speedup vs num_steps (specdiff, one line per drafter kind, k and batch), acceptance length
+    vs num_draft_tokens (one line per engine family, and T for specdiff), tokens/s vs batch size."""
     ok = [r for r in rows if r.get("tokens_per_s")]
     specdiff = [r for r in ok if r["method"] == "specdiff"]
-    drafted = [r for r in ok if r["method"] in ("specdiff", "draft_model") and r.get("runner") == "v1"]
+    drafted = [r for r in ok if r["method"] != "none" and r.get("runner") == "v1"]
     paths = [
         plot_lines(f"{prefix}-speedup_vs_steps.png",
                    group_points(specdiff, lambda r: f"temperature {r['temperature']:g}",
-                                lambda r: f"k={r['num_draft_tokens']} batch {r['batch']}",
+                                lambda r: (f"{engine_family(r)} k={r['num_draft_tokens']} "
+                                           f"batch {r['batch']}"),
                                 lambda r: r["num_steps"], lambda r: r.get("speedup")),
                    "num_steps (denoising steps per draft)", "speedup over no speculation",
                    "specdiff: speedup vs diffusion steps", hline=1.0),
         plot_lines(f"{prefix}-acceptance_vs_draft_tokens.png",
                    group_points(drafted, lambda r: f"temperature {r['temperature']:g}",
-                                lambda r: ("draft_model" if r["method"] == "draft_model"
-                                           else f"specdiff T={r['num_steps']}"),
+                                lambda r: engine_family(r) + (f" T={r['num_steps']}"
+                                                              if r["method"] == "specdiff" else ""),
                                 lambda r: r["num_draft_tokens"], _accept),
                    "num_draft_tokens (k)", "mean acceptance length (tokens / round)",
                    "acceptance length vs draft length (mean over batch sizes)", logx=True),
@@ -306,34 +410,84 @@ def load_prompts(path: str | Path, tokenizer, n: int | None) -> list[list[int]]:
     return prompts
 
 
-def resolve_models(args: argparse.Namespace, kinds: Sequence[str]) -> tuple[str, str | None, str | None]:
-    """Target, SEDD drafter and AR drafter paths (embedded defaults), failing early and clearly."""
+def drafter_paths(args: argparse.Namespace) -> dict[str, str]:
+    """Drafter folder per DRAFTER_OPTIONS attribute: the given path, else the embedded one."""
     from vllm_specdiff import assets
 
-    target = args.target or str(assets.prepare_target())
-    sedd = args.sedd_drafter or str(assets.SEDD_DRAFTER_DIR)
-    ar = args.ar_drafter or str(assets.AR_DRAFTER_DIR)
-    for needed, path, flag in ((("specdiff",), sedd, "--sedd-drafter"),
-                               (("draft_model", "draft_model_default"), ar, "--ar-drafter")):
-        embedded = getattr(args, flag[2:].replace("-", "_")) is None
-        if set(needed) & set(kinds) and embedded and not Path(path).exists():
-            raise SystemExit(f"the embedded drafter {path} does not exist yet: train it "
-                             f"(vllm-specdiff train ...) or pass {flag} PATH")
-    return target, sedd, ar
+    return {name: getattr(args, name) or str(getattr(assets, asset))
+            for name, (asset, _) in DRAFTER_OPTIONS.items()}
+
+
+def choose_methods(args: argparse.Namespace) -> list[str]:
+    """The methods to run: --methods, else every kind but dflash when its drafter folder is not
+    there yet; less draft_model_default where it equals draft_model (unless
+    --force-default-runner). A note is printed for each kind left out."""
+    if args.methods:
+        kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
+    else:
+        kinds = list(ENGINE_KINDS)
+        problem = dflash_drafter_problem(drafter_paths(args)["dflash_drafter"])
+        if problem:
+            kinds.remove("dflash")
+            print(f"note: dflash left out: {problem}")
+    if "draft_model_default" in kinds and not args.force_default_runner \
+            and default_runner_is_v1_no_async():
+        kinds.remove("draft_model_default")
+        print("note: on this platform vLLM's default is already Model Runner V1 without async "
+              "scheduling, so draft_model_default equals draft_model: skipped "
+              "(--force-default-runner runs it anyway)")
+    return kinds
+
+
+def resolve_models(args: argparse.Namespace, kinds: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """Target path and drafter_paths (embedded defaults), failing early and clearly when a method
+    of `kinds` needs an embedded drafter that is not there yet."""
+    from vllm_specdiff import assets
+
+    drafters = drafter_paths(args)
+    for name, (_, needed) in DRAFTER_OPTIONS.items():
+        if set(needed) & set(kinds) and getattr(args, name) is None \
+                and not Path(drafters[name]).exists():
+            raise SystemExit(f"the embedded drafter {drafters[name]} does not exist yet: train it "
+                             f"(vllm-specdiff train ...) or pass --{name.replace('_', '-')} PATH")
+    return args.target or str(assets.prepare_target()), drafters
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """--methods, --target, the drafters, and the conditioned drafter's k:T pairs and options
+    (shared with bench_serve)."""
+    parser.add_argument("--target", help="target model (default: embedded SmolLM2-135M)")
+    parser.add_argument("--sedd-drafter", help="SEDD drafter (default: the embedded one)")
+    parser.add_argument("--ar-drafter", help="draft_model drafter (default: the embedded one)")
+    parser.add_argument("--dflash-drafter",
+                        help="DFlash-format drafter for vLLM's dflash (default: the embedded one, "
+                             "once trained)")
+    parser.add_argument("--conditioned-drafter",
+                        help="conditioned drafter of specdiff_conditioned (default: the embedded "
+                             "one)")
+    parser.add_argument("--conditioned", default="4:1",
+                        help="specdiff_conditioned num_draft_tokens:num_steps list")
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                        help="specdiff_conditioned: per step and request, draft only the "
+                             "tokens that pay")
+    parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
+                        help="specdiff_conditioned: prompt-lookup continuations of the context "
+                             "enter the draft block")
+    parser.add_argument("--methods", help=f"comma list of {ENGINE_KINDS} (default: all, less "
+                                          "dflash without its drafter and draft_model_default "
+                                          "where it equals draft_model); draft_model_default = "
+                                          "vLLM's default runner and scheduling")
+    parser.add_argument("--force-default-runner", action="store_true",
+                        help="run draft_model_default even where it equals runner v1 (CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small grid: 4 prompts x 32 tokens, batch {1,4}, draft_model k=4, "
-                             "specdiff k=8 T=2")
-    parser.add_argument("--target", help="target model (default: embedded SmolLM2-135M)")
-    parser.add_argument("--sedd-drafter", help="SEDD drafter (default: the embedded one)")
-    parser.add_argument("--ar-drafter", help="draft_model drafter (default: the embedded one)")
-    parser.add_argument("--methods", default=",".join(ENGINE_KINDS),
-                        help=f"comma list of {ENGINE_KINDS}; draft_model_default = vLLM's default "
-                             "runner and scheduling")
+                        help="small grid: 4 prompts x 32 tokens, batch {1,4}, ngram / draft_model "
+                             "/ dflash k=4, specdiff k=8 T=2")
+    add_method_options(parser)
     parser.add_argument("--prompts", help='JSONL file: {"prompt": text} or {"prompt_token_ids": '
                                           "[...]} per line (default: held-out BBC News)")
     parser.add_argument("--num-prompts", type=int, help="default 16 (quick: 4)")
@@ -341,11 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, help="new tokens per prompt, default 128 (quick: 32)")
     parser.add_argument("--batches", help="comma list, default 1,4,16 (quick: 1,4)")
     parser.add_argument("--temperatures", default="0,1")
-    parser.add_argument("--draft-model-k", help="draft_model k sweep (V1 runner), default 2,4,8 "
-                                                "(quick: 4)")
+    parser.add_argument("--draft-model-k", help="ngram, draft_model (V1 runner) and dflash k sweep, "
+                                                "default 2,4,8 (quick: 4)")
     parser.add_argument("--default-runner-k", default="4", help="draft_model k on the default runner")
-    parser.add_argument("--force-default-runner", action="store_true",
-                        help="run draft_model_default even where it equals runner v1 (CPU)")
     parser.add_argument("--num-draft-tokens", help="specdiff k sweep, default 4,8,16,32 (quick: 8)")
     parser.add_argument("--num-steps", help="specdiff num_steps sweep, default 1,2,4,8 (quick: 2)")
     parser.add_argument("--sweep", choices=["axes", "grid"], default="axes",
@@ -394,20 +546,18 @@ def main(argv: list[str] | None = None) -> int:
     if inproc:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # inherited by the spawned engines
 
-    kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
-    if "draft_model_default" in kinds and not args.force_default_runner \
-            and default_runner_is_v1_no_async():
-        kinds.remove("draft_model_default")
-        print("note: on this platform vLLM's default is already Model Runner V1 without async "
-              "scheduling, so draft_model_default equals draft_model: skipped "
-              "(--force-default-runner runs it anyway)")
+    kinds = choose_methods(args)
     batches, temperatures = parse_ints(args.batches), parse_floats(args.temperatures)
     pairs = specdiff_grid(parse_ints(args.num_draft_tokens), parse_ints(args.num_steps), args.sweep,
                           args.base_num_draft_tokens, args.base_num_steps)
-    target, sedd, ar = resolve_models(args, kinds)
-    engines = build_engines(kinds, sedd, ar, parse_ints(args.draft_model_k),
-                            parse_ints(args.default_runner_k), pairs, args.window,
-                            args.baseline_reruns)
+    target, drafters = resolve_models(args, kinds)
+    engines = build_engines(kinds, drafters["sedd_drafter"], drafters["ar_drafter"],
+                            parse_ints(args.draft_model_k), parse_ints(args.default_runner_k), pairs,
+                            args.window, args.baseline_reruns,
+                            dflash_drafter=drafters["dflash_drafter"],
+                            conditioned_drafter=drafters["conditioned_drafter"],
+                            conditioned_pairs=parse_pairs(args.conditioned),
+                            adaptive=args.adaptive, lookup=args.lookup)
 
     from transformers import AutoTokenizer
 
@@ -442,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # one failed engine must not lose the others' numbers
             print(f"    FAILED: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
                   flush=True)
-            rows.append({**common, "method": engine.spec.method, "label": engine.label,
+            rows.append({**common, "method": engine.spec.method, "kind": engine.spec.kind,
+                         "label": engine.label, "drafter": engine.spec.drafter,
+                         "options": dict(engine.spec.options),
                          "num_draft_tokens": engine.spec.num_draft_tokens,
                          "num_steps": engine.spec.num_steps, "dtype": args.dtype,
                          "batch": None, "temperature": None, "acceptance_histogram": None,

