@@ -217,14 +217,17 @@ class ConditionedTrainConfig:
     num_target_layers: int = 3
     draft_vocab_size: int = 8192
     init_layer: int | None = -1  # target layer to start from (-1: the last); None: random init
-    # Architecture switches (see ConditionedConfig): extra block inputs, q/k norm, feature scaling.
+    # Architecture switches (see ConditionedConfig). The defaults are the shipped recipe: on the
+    # embedded target, held-out acceptance at k=8 after 600 steps (same data and schedule): first
+    # version (anchor state, scaled fusion) 1.18; + last-revealed-token input 1.24; vLLM DFlash's
+    # layer (q/k norm, unscaled fusion, no anchor state) 1.38; DFlash's layer + last token 1.52.
     last_token_feature: bool = True
-    anchor_feature: bool = True
-    qk_norm: bool = False
-    fuse_scaling: bool = True
+    anchor_feature: bool = False
+    qk_norm: bool = True
+    fuse_scaling: bool = False
     greedy_prompts: int = 160
     sampled_prompts: int = 64
-    real_windows: int = 128
+    real_windows: int = 640
     heldout_prompts: int = 24
     prompt_tokens: int = 64
     new_tokens: int = 128
