@@ -10,7 +10,7 @@ setup(
     # `vllm_specdiff.kernels`: `kernels` is also the name of an unrelated PyPI package.
     packages=find_packages(include=["vllm_specdiff", "vllm_specdiff.*"]) + ["vllm_specdiff.kernels"],
     package_dir={"vllm_specdiff.kernels": "kernels"},
-    package_data={"vllm_specdiff": ["drafters/*/*.json", "drafters/*/*.safetensors"]},
+    package_data={"vllm_specdiff": ["drafters/*/*.json", "drafters/*/*.safetensors", "drafters/*/*.pt"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",
