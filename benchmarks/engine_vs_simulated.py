@@ -8,9 +8,9 @@ counters: 1 + accepted / drafts) is set beside the simulated acceptance length o
 text as an anchor) on the same prompts: the held-out feature store of the trainer holds exactly these
 prompts and the target's greedy continuations. A large gap would mean that the engine feeds the
 drafter something else than training did (context states, positions, the anchor). A second pass over
-the same prompts in the same engine hits vLLM's prefix cache: its acceptance measures drafting from
-the partial context (the states of the recomputed prompt tail only), the plugin's choice for cached
-prefixes, against the full context of the first pass.
+the same prompts in the same engine hits vLLM's prefix cache (KV blocks of --block-size tokens): its
+acceptance measures drafting from the partial context (the states of the recomputed prompt tail
+only), the plugin's choice for cached prefixes, against the full context of the first pass.
 
     python benchmarks/engine_vs_simulated.py --work-dir ~/.cache/vllm-specdiff/train-conditioned-v2 \
         --dflash-work-dir ~/.cache/vllm-specdiff/train-dflash-smollm2
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="vLLM KV block size (the prefix cache works in whole blocks)")
     parser.add_argument("--out", default="benchmarks/results/engine-vs-simulated.json")
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -79,8 +81,10 @@ def main(argv=None) -> int:
                                          anchors_per_seq=anchors)
         # The same prompts twice in one engine: the second pass finds them in vLLM's prefix cache,
         # so the drafter only gets the states of the recomputed tail of each prompt.
+        # KV blocks of 32 tokens (the CPU default, 128, is longer than the prompts: nothing would be
+        # cached): the second pass finds each prompt's first 32 tokens cached.
         cold, warm = run_isolated(spec, target_dir, prompts, [args.batch], [0.0, 0.0], args.max_tokens,
-                                  dtype="float32")
+                                  dtype="float32", engine_kwargs={"block_size": args.block_size})
         in_engine = cold["mean_acceptance_length"] or 1.0
         rows.append({"drafter": name, "k": args.k, "simulated": simulated["acceptance_length"],
                      "simulated_anchors": simulated["anchors"], "in_engine": round(in_engine, 4),

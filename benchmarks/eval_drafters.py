@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             rows.append({"drafter": "conditioned", **r})
             print(json.dumps(rows[-1]), flush=True)
     for spec in (args.compare if "greedy" in parts else ()):
-        name, _, folder = spec.partition("=")
+        name, _, folder = spec.rpartition("=")
         other = load_conditioned(folder, target.get_input_embeddings().weight,
                                  target.get_output_embeddings().weight, target_config=target.config)
         for k in (2, 4, 8):

@@ -107,8 +107,10 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 
 def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], batches: Sequence[int],
                temperatures: Sequence[float], max_tokens: int, dtype: str = "bfloat16",
-               seed: int = 0, max_model_len: int = 1024, repeats: int = 1) -> list[dict[str, Any]]:
-    """Build one engine and time every (temperature, batch) pair on `prompts` (in this process)."""
+               seed: int = 0, max_model_len: int = 1024, repeats: int = 1,
+               engine_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Build one engine and time every (temperature, batch) pair on `prompts` (in this process).
+    engine_kwargs: more LLM(...) arguments (e.g. block_size)."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # This process already isolates the engine; in-process engine core builds in seconds, not ~45 s.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -122,7 +124,8 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
     build_start = time.perf_counter()
     llm = LLM(model=target, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
               speculative_config=spec.speculative_config(), disable_log_stats=False,
-              async_scheduling=False, distributed_executor_backend="uni", max_num_seqs=max(batches))
+              async_scheduling=False, distributed_executor_backend="uni", max_num_seqs=max(batches),
+              **(engine_kwargs or {}))
     build_s = time.perf_counter() - build_start
     # Warm-up: first-call allocations and lazy imports are not part of any measurement.
     llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))],
