@@ -180,7 +180,7 @@ class ConditionedDrafter:
         device = model.fc.weight.device
         n = len(slots)
         kv, lengths, anchor_positions = cache.gather(slots)
-        anchor_state = cache.anchor_state(slots)
+        anchor_state = cache.anchor_state(slots) if model.config.anchor_feature else None
         width = kv[0][0].shape[2]
         block = k + 1
         offsets = torch.arange(block, device=device)

@@ -238,7 +238,7 @@ class SpecDiffProposer:
             return drafts
         if self.conditioned is not None:
             return self._propose_conditioned(step, rows, sampled_token_ids, num_tokens_no_spec,
-                                             token_ids_cpu, temperature, generators, drafts)
+                                             token_ids_cpu, temperature, generators, drafts, lengths)
         contexts = []
         for row in rows:
             end = int(num_tokens_no_spec[row])
@@ -251,11 +251,7 @@ class SpecDiffProposer:
                                      generator=row_generators)
             token_ids = out.token_ids.tolist()  # the host copy waits for the drafter
         except Exception:
-            # Drafting only speeds decoding up: a failing step runs without drafts (still exact).
-            self.stats["failures"] += 1
-            if self.stats["failures"] == 1:
-                logger.exception("specdiff: the drafter failed; this step runs without drafts")
-            return drafts
+            return self._drafting_failed(drafts)
         elapsed = time.perf_counter() - start
         for row, ids in zip(rows, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
@@ -272,7 +268,7 @@ class SpecDiffProposer:
                              num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
                              temperature: np.ndarray | None,
                              generators: Mapping[int, torch.Generator],
-                             drafts: list[list[int]]) -> list[list[int]]:
+                             drafts: list[list[int]], lengths: dict[int, int]) -> list[list[int]]:
         """Rows whose cached context ends right before their anchor (the last sampled token) draft;
         the others (states missing) run this step without drafts."""
         state = self.conditioned
@@ -312,12 +308,8 @@ class SpecDiffProposer:
                               with_probs=sampled_rows)
             token_ids = out.token_ids.tolist()
         except Exception:
-            self.stats["failures"] += 1
-            if self.stats["failures"] == 1:
-                logger.exception("specdiff: the drafter failed; this step runs without drafts")
-            return drafts
+            return self._drafting_failed(drafts)
         elapsed = time.perf_counter() - start
-        lengths = self._draft_lengths_cache
         for row, ids in zip(ready, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
         if sampled_rows:
@@ -335,16 +327,22 @@ class SpecDiffProposer:
         full[torch.tensor(rows, device=probs.device)] = probs
         self._last_draft_probs = full
 
+    def _drafting_failed(self, drafts: list[list[int]]) -> list[list[int]]:
+        """Drafting only speeds decoding up: a failing step runs without drafts (still exact); the
+        first failure is logged with its traceback."""
+        self.stats["failures"] += 1
+        if self.stats["failures"] == 1:
+            logger.exception("specdiff: the drafter failed; this step runs without drafts")
+        return drafts
+
     def _draft_lengths(self, rows: list[int]) -> dict[int, int]:
         """Adaptive draft length per row (empty = num_draft_tokens for every row)."""
-        self._draft_lengths_cache: dict[int, int] = {}
         if self.adaptive is None or len(self._req_ids) < max(rows) + 1:
-            return self._draft_lengths_cache
+            return {}
         alloc = self.adaptive.allocate([self._req_ids[row] for row in rows])
-        self._draft_lengths_cache = dict(zip(rows, alloc))
         self.stats["adaptive_draft_tokens"] = self.stats.get("adaptive_draft_tokens", 0) + sum(alloc)
         self.stats["adaptive_rows"] = self.stats.get("adaptive_rows", 0) + len(rows)
-        return self._draft_lengths_cache
+        return dict(zip(rows, alloc))
 
     def take_last_draft_probs(self) -> torch.Tensor | None:
         """float32 [len(sampled_token_ids), num_draft_tokens, vocab] of the last propose(), rows
