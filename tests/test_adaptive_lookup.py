@@ -56,9 +56,63 @@ def test_exploration_and_untimed_mode_are_deterministic():
         for _ in range(10):
             policy.record_acceptance("r", drafted=4, accepted=0)
     assert [a.allocate(["r"]) for _ in range(8)] == [b.allocate(["r"]) for _ in range(8)]
-    assert [4] in [a.allocate(["r"]) for _ in range(4)]  # an exploration step
+    # Exploration steps draft one drafter token (after any lookup tokens) even when nothing pays.
+    explored = [a.allocate(["r"], lookup_lengths=[2]) for _ in range(64)]
+    assert [3] in explored and {tuple(x) for x in explored} == {(2,), (3,)}
     with pytest.raises(ValueError, match="max_draft_tokens"):
         AdaptiveDraftLength(max_draft_tokens=0)
+
+
+def test_exploration_backs_off_while_drafting_does_not_pay():
+    policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=4, max_explore_every=32)
+    timed(policy, plain=0.05, per_draft_token=0.01, drafter=0.02)
+    for _ in range(30):
+        policy.record_acceptance("r", drafted=4, accepted=0)
+    explored = [i for i in range(200) if policy.allocate(["r"]) != [0]]
+    gaps = np.diff(explored).tolist()
+    assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {32}, gaps
+
+
+def test_new_requests_start_from_the_pooled_acceptance_of_their_kind():
+    policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=0)
+    timed(policy, plain=0.05, per_draft_token=0.005, drafter=0.01)
+    # Sampled requests accept nothing, greedy ones nearly everything.
+    policy.allocate(["s0", "s1", "g0", "g1"], sampled=[True, True, False, False])
+    for _ in range(20):
+        for r in ("s0", "s1"):
+            policy.record_acceptance(r, drafted=4, accepted=0)
+        for r in ("g0", "g1"):
+            policy.record_acceptance(r, drafted=4, accepted=4)
+    for r in ("s0", "s1", "g0", "g1"):
+        policy.forget(r)
+    lookup_rate, model_rate = policy.pooled_acceptance(sampled=True)
+    assert model_rate < 0.05 and lookup_rate == pytest.approx(0.5)  # no lookup evidence yet
+    assert policy.allocate(["new-s", "new-g"], sampled=[True, False]) == [0, 4]
+
+
+def test_acceptance_is_attributed_to_lookup_and_drafter_tokens():
+    policy = AdaptiveDraftLength(max_draft_tokens=4, prior_weight=1e-9)
+    policy.record_acceptance("r", drafted=4, accepted=1, lookup=2)  # lookup 1 of 2 tried
+    policy.record_acceptance("r", drafted=4, accepted=3, lookup=2)  # lookup 2/2, drafter 1 of 2
+    policy.record_acceptance("r", drafted=3, accepted=3, lookup=0)  # drafter 3/3
+    lookup_rate, model_rate = policy.acceptance("r")
+    assert lookup_rate == pytest.approx(3 / 4) and model_rate == pytest.approx(4 / 5)
+
+
+def test_lookup_only_drafts_when_the_drafter_does_not_pay():
+    """Lookup tokens accepted, drafter tokens not, the drafter expensive: drafts are exactly the
+    lookup tokens, and steps drafting only those are costed without the drafter."""
+    policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=0)
+    for i in range(40):
+        k, ran = [(0, False), (2, False), (4, True)][i % 3]
+        policy.record_step(2, k, 0.05 + 0.002 * k + (0.05 if ran else 0.0), drafter_ran=ran)
+    assert policy.step_time(2, 2, False) == pytest.approx(0.054, rel=0.05)
+    assert policy.step_time(2, 4, True) == pytest.approx(0.108, rel=0.05)
+    for _ in range(30):
+        policy.record_acceptance("a", drafted=4, accepted=2, lookup=2)
+        policy.record_acceptance("b", drafted=4, accepted=0, lookup=0)
+    assert policy.allocate(["a", "b"], lookup_lengths=[3, 0]) == [3, 0]
+    assert policy.allocate(["a", "b"], lookup_lengths=[0, 0]) == [0, 0]
 
 
 def test_prompt_lookup_finds_the_latest_longest_match():

@@ -2,17 +2,24 @@
 
 Model (the paper's remark that gamma must be calibrated; vLLM's num_speculative_tokens_per_batch_size;
 DSpark's confidence-scheduled verification):
-- request i accepts each further draft token with probability a_i (running estimate: a Beta prior
-  updated by the request's own accepted / drafted counts), so its j-th draft token adds a_i^j expected
-  tokens to the step;
-- a step costs  time = c_base + c_token * (num_reqs + K) + c_draft * [K > 0],  K = total draft tokens,
-  fitted online by least squares from the measured wall time of the engine's steps (with a prior
-  from the first steps, so the policy works before it has data);
-- allocation is greedy in marginal value: draft tokens (i, j) sorted by a_i^j are added while the
-  throughput sum_i E_i / time increases; if no allocation beats drafting nothing, nobody drafts.
-Every `explore_every` steps the full draft length is proposed for everyone, so estimates of requests
-and costs that fell to zero drafts keep being refreshed. Exactness is unaffected: drafting fewer
-tokens only changes how many tokens a round can gain.
+- a draft token comes from one of two sources: prompt lookup (a continuation found in the context,
+  the leading `lookup` positions of a block) or the drafter model. Request i accepts each further
+  token of a source with probability a_i (a Beta estimate from the request's own accepted / tried
+  counts, whose prior is the pooled rate of all recent requests of the same kind, greedy or
+  sampled, so a short request is not drafted for on a blind guess), so the j-th token of its block
+  adds prod_{l <= j} a_il expected tokens to the step;
+- a step costs  time = c_base + c_token * (num_reqs + K) + c_draft * [the drafter runs],
+  K = total draft tokens, fitted online by least squares from the measured wall time of the
+  engine's steps (with a prior from the first steps, so the policy works before it has data). A
+  step whose drafts are all lookup tokens does not run the drafter (ngram's cost);
+- allocation is greedy in marginal value: block positions sorted by value are added while the
+  throughput sum_i E_i / time increases, once with lookup positions only and once with all; the
+  best of those and of drafting nothing wins.
+Exploration: at exploration steps every request gets its lookup tokens plus one drafter token, so
+the estimates of requests and costs that fell to zero drafts keep being refreshed. The interval
+starts at `explore_every` and doubles (up to `max_explore_every`) while drafting keeps not paying,
+so a cell where no speculation is best pays almost nothing for exploring. Exactness is unaffected:
+drafting fewer tokens only changes how many tokens a round can gain.
 """
 from __future__ import annotations
 
@@ -22,23 +29,31 @@ from typing import Sequence
 
 import numpy as np
 
+# Per-request and pooled counts: accepted / tried tokens of each source.
+_LOOKUP_ACC, _LOOKUP_TRIED, _MODEL_ACC, _MODEL_TRIED = range(4)
+
 
 @dataclass
 class AdaptiveDraftLength:
     max_draft_tokens: int
-    prior_accept: float = 0.5  # Beta prior mean of the per-token acceptance of a new request
-    prior_weight: float = 4.0  # pseudo draft tokens behind that prior
+    prior_accept: float = 0.5  # Beta prior mean of the pooled per-token acceptance
+    prior_weight: float = 4.0  # pseudo tokens behind a prior (pooled and per request)
+    pool_decay: float = 0.995  # per recorded round: the pooled rate follows recent requests
     explore_every: int = 16
+    max_explore_every: int = 256
     history: int = 128
     min_fit_steps: int = 12
     # Prior costs in units of one no-draft step of one request (used until enough steps are timed).
     prior_token_cost: float = 0.15
     prior_draft_cost: float = 0.5
     timed: bool = True  # False: never fit wall times (deterministic decisions across ranks)
-    _accepted: dict[str, float] = field(default_factory=dict)
-    _drafted: dict[str, float] = field(default_factory=dict)
+    _counts: dict[str, np.ndarray] = field(default_factory=dict)
+    _kind: dict[str, int] = field(default_factory=dict)  # 0 greedy, 1 sampled
+    _pool: np.ndarray = field(default_factory=lambda: np.zeros((2, 4)))
     _steps: deque = field(default_factory=deque)
     _step: int = 0
+    _interval: int = 0
+    _next_explore: int = 0
     _coef: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -46,88 +61,144 @@ class AdaptiveDraftLength:
             raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
         if not 0 < self.prior_accept < 1:
             raise ValueError(f"prior_accept must be in (0, 1), got {self.prior_accept}")
+        self._interval = self.explore_every
+        self._next_explore = self.explore_every if self.explore_every > 0 else np.inf
 
     # ---- observations ----
-    def record_acceptance(self, req_id: str, drafted: int, accepted: int) -> None:
+    def record_acceptance(self, req_id: str, drafted: int, accepted: int, lookup: int = 0) -> None:
+        """A verified round: `drafted` tokens of which the first `lookup` came from prompt lookup,
+        `accepted` of them accepted. Each token up to the first rejection is a trial of its source."""
         if drafted <= 0:
             return
-        # Acceptance of the j-th token given the earlier ones: accepted of drafted "trials" where the
-        # first rejection ends the round (a geometric count): trials = accepted + (1 if rejected).
-        trials = accepted + (1 if accepted < drafted else 0)
-        self._accepted[req_id] = self._accepted.get(req_id, 0.0) + accepted
-        self._drafted[req_id] = self._drafted.get(req_id, 0.0) + trials
+        lookup = min(max(lookup, 0), drafted)
+        counts = np.zeros(4)
+        counts[_LOOKUP_ACC] = min(accepted, lookup)
+        counts[_LOOKUP_TRIED] = counts[_LOOKUP_ACC] + (1 if accepted < lookup else 0)
+        if accepted >= lookup:
+            counts[_MODEL_ACC] = accepted - lookup
+            counts[_MODEL_TRIED] = counts[_MODEL_ACC] + (1 if accepted < drafted else 0)
+        own = self._counts.get(req_id)
+        self._counts[req_id] = counts if own is None else own + counts
+        pool = self._pool[self._kind.get(req_id, 0)]
+        pool *= self.pool_decay
+        pool += counts
 
     def forget(self, req_id: str) -> None:
-        self._accepted.pop(req_id, None)
-        self._drafted.pop(req_id, None)
+        self._counts.pop(req_id, None)
+        self._kind.pop(req_id, None)
 
-    def record_step(self, num_reqs: int, num_draft_tokens: int, seconds: float) -> None:
+    def record_step(self, num_reqs: int, num_draft_tokens: int, seconds: float,
+                    drafter_ran: bool | None = None) -> None:
+        """Wall time of one engine step with `num_draft_tokens` drafts in total; `drafter_ran`
+        (default: any drafts) says whether the drafter model ran for them."""
         if not self.timed or num_reqs <= 0 or seconds <= 0:
             return
+        ran = bool(num_draft_tokens) if drafter_ran is None else bool(drafter_ran)
         if len(self._steps) >= self.min_fit_steps and \
-                seconds > 20 * self.step_time(num_reqs, num_draft_tokens):
+                seconds > 20 * self.step_time(num_reqs, num_draft_tokens, ran):
             return  # an idle gap between steps, not a step
-        self._steps.append((num_reqs, num_draft_tokens, seconds))
+        self._steps.append((num_reqs, num_draft_tokens, float(ran), seconds))
         while len(self._steps) > self.history:
             self._steps.popleft()
         self._coef = None
 
     # ---- estimates ----
-    def acceptance(self, req_id: str) -> float:
-        accepted = self._accepted.get(req_id, 0.0) + self.prior_accept * self.prior_weight
-        trials = self._drafted.get(req_id, 0.0) + self.prior_weight
-        return min(max(accepted / trials, 0.0), 0.999)
+    def pooled_acceptance(self, sampled: bool = False) -> tuple[float, float]:
+        """(lookup, model) per-token acceptance pooled over recent requests of one kind."""
+        pool = self._pool[int(sampled)]
+        prior = self.prior_accept * self.prior_weight
+        return ((pool[_LOOKUP_ACC] + prior) / (pool[_LOOKUP_TRIED] + self.prior_weight),
+                (pool[_MODEL_ACC] + prior) / (pool[_MODEL_TRIED] + self.prior_weight))
+
+    def acceptance(self, req_id: str) -> tuple[float, float]:
+        """(lookup, model) per-token acceptance of one request: its own counts behind the pooled
+        rate of its kind."""
+        pooled = self.pooled_acceptance(bool(self._kind.get(req_id, 0)))
+        counts = self._counts.get(req_id, np.zeros(4))
+        rates = []
+        for source, (acc, tried) in enumerate(((_LOOKUP_ACC, _LOOKUP_TRIED),
+                                               (_MODEL_ACC, _MODEL_TRIED))):
+            rate = (counts[acc] + self.prior_weight * pooled[source]) / (counts[tried] + self.prior_weight)
+            rates.append(min(max(float(rate), 0.0), 0.999))
+        return rates[0], rates[1]
 
     def cost_coefficients(self) -> np.ndarray:
-        """(c_base, c_token, c_draft) in seconds; a least-squares fit over the timed steps once both
-        kinds (with and without drafts) were seen, else the prior scaled by the mean plain step."""
+        """(c_base, c_token, c_draft) in seconds; a least-squares fit over the timed steps once steps
+        with and without the drafter were seen, else the prior scaled by the mean plain step."""
         if self._coef is not None:
             return self._coef
-        rows = np.array(self._steps, dtype=np.float64).reshape(-1, 3)
+        rows = np.array(self._steps, dtype=np.float64).reshape(-1, 4)
         plain = rows[rows[:, 1] == 0]
-        unit = float(np.median(plain[:, 2] / (1 + self.prior_token_cost * plain[:, 0]))) if len(plain) \
-            else (float(np.median(rows[:, 2])) if len(rows) else 1.0)
+        unit = float(np.median(plain[:, 3] / (1 + self.prior_token_cost * plain[:, 0]))) if len(plain) \
+            else (float(np.median(rows[:, 3])) if len(rows) else 1.0)
         prior = np.array([unit, unit * self.prior_token_cost, unit * self.prior_draft_cost])
         coef = prior
-        drafted = rows[:, 1] > 0
-        if len(rows) >= self.min_fit_steps and drafted.any() and (~drafted).any():
-            design = np.stack([np.ones(len(rows)), rows[:, 0] + rows[:, 1], drafted.astype(float)], 1)
+        ran = rows[:, 2] > 0
+        if len(rows) >= self.min_fit_steps and ran.any() and (~ran).any():
+            design = np.stack([np.ones(len(rows)), rows[:, 0] + rows[:, 1], rows[:, 2]], 1)
             # Ridge towards the prior keeps the fit sane with few distinct batch shapes.
             lam = 1e-2 * len(rows)
             lhs = design.T @ design + lam * np.eye(3)
-            rhs = design.T @ rows[:, 2] + lam * prior
+            rhs = design.T @ rows[:, 3] + lam * prior
             fit = np.linalg.solve(lhs, rhs)
             coef = np.maximum(fit, 0.0)
             coef[0] = max(coef[0], 1e-6)
         self._coef = coef
         return coef
 
-    def step_time(self, num_reqs: int, num_draft_tokens: int) -> float:
+    def step_time(self, num_reqs: int, num_draft_tokens: int, drafter_runs: bool | None = None) -> float:
         base, token, draft = self.cost_coefficients()
-        return base + token * (num_reqs + num_draft_tokens) + (draft if num_draft_tokens else 0.0)
+        runs = bool(num_draft_tokens) if drafter_runs is None else drafter_runs
+        return base + token * (num_reqs + num_draft_tokens) + (draft if runs else 0.0)
 
     # ---- decision ----
-    def allocate(self, req_ids: Sequence[str]) -> list[int]:
-        """Draft tokens per request for this step (same order as req_ids)."""
+    def allocate(self, req_ids: Sequence[str], lookup_lengths: Sequence[int] | None = None,
+                 sampled: Sequence[bool] | None = None) -> list[int]:
+        """Draft tokens per request for this step (same order as req_ids). lookup_lengths: how
+        many leading block positions prompt lookup fills per request (their drafts need no
+        drafter); sampled: whether each request samples (temperature > 0)."""
         self._step += 1
-        n = len(req_ids)
+        n, k = len(req_ids), self.max_draft_tokens
         if n == 0:
             return []
-        if self.explore_every and self._step % self.explore_every == 0:
-            return [self.max_draft_tokens] * n
-        rates = np.array([self.acceptance(r) for r in req_ids])
-        # Marginal expected tokens of each request's j-th draft token: a_i^j (j = 1..k).
-        powers = rates[:, None] ** np.arange(1, self.max_draft_tokens + 1)[None, :]
-        order = np.argsort(-powers, axis=None, kind="stable")
-        best_value = n / self.step_time(n, 0)
-        best_count = 0
-        gained = float(n)
+        if sampled is not None:
+            for req_id, is_sampled in zip(req_ids, sampled):
+                self._kind[req_id] = int(bool(is_sampled))
+        lookup = np.minimum(np.asarray(lookup_lengths if lookup_lengths is not None else [0] * n,
+                                       dtype=np.int64), k)
+        rates = np.array([self.acceptance(r) for r in req_ids]).reshape(n, 2)
+        is_lookup = np.arange(k)[None, :] < lookup[:, None]  # [n, k]
+        values = np.cumprod(np.where(is_lookup, rates[:, :1], rates[:, 1:]), axis=1)
+        best = (n / self.step_time(n, 0, False), np.zeros(n, dtype=np.int64))
+        for only_lookup in (True, False):
+            best = self._sweep(values, is_lookup, only_lookup, best)
+        alloc = best[1]
+        if self._step >= self._next_explore:
+            # Drafting nothing is the common reason to explore: back off while it keeps being right.
+            self._interval = min(2 * self._interval, self.max_explore_every) if not alloc.any() \
+                else self.explore_every
+            self._next_explore = self._step + self._interval
+            alloc = np.maximum(alloc, np.minimum(lookup + 1, k))
+        return [int(a) for a in alloc]
+
+    def _sweep(self, values: np.ndarray, is_lookup: np.ndarray, only_lookup: bool,
+               best: tuple[float, np.ndarray]) -> tuple[float, np.ndarray]:
+        """Add block positions in order of value while throughput improves (over `best`)."""
+        n = values.shape[0]
+        allowed = np.flatnonzero(is_lookup.reshape(-1)) if only_lookup else np.arange(values.size)
+        order = allowed[np.argsort(-values.reshape(-1)[allowed], kind="stable")]
+        best_value, best_count = best[0], -1
+        gained, model = float(n), False
         for count, flat in enumerate(order, start=1):
-            gained += float(powers.flat[flat])
-            value = gained / self.step_time(n, count)
+            gained += float(values.flat[flat])
+            model = model or not bool(is_lookup.flat[flat])
+            value = gained / self.step_time(n, count, model)
             if value > best_value:
                 best_value, best_count = value, count
-        alloc = [0] * n
+        if best_count < 0:
+            return best
+        alloc = np.zeros(n, dtype=np.int64)
+        # Values fall along each row (products of rates < 1), so the chosen positions are prefixes.
         for flat in order[:best_count]:
-            alloc[int(flat) // self.max_draft_tokens] += 1
-        return alloc
+            alloc[int(flat) // values.shape[1]] += 1
+        return best_value, alloc

@@ -85,6 +85,10 @@ class SpecDiffProposer:
                              1) or 1)
             self.adaptive = AdaptiveDraftLength(self.num_draft_tokens, timed=tp == 1)
         self._last_step_time: float | None = None
+        # The last propose(): whether the drafter model ran, and per request how many leading draft
+        # tokens came from prompt lookup (adaptive drafting learns both sources apart).
+        self._drafter_ran = False
+        self._lookup_used: dict[str, int] = {}
         self._window_tail = 0
         self._step = 0
         self._runner_bound = False
@@ -161,7 +165,8 @@ class SpecDiffProposer:
             now = time.perf_counter()
             total = int(sum(num_drafts)) if num_drafts is not None else 0
             if self._last_step_time is not None:
-                self.adaptive.record_step(len(req_ids), total, now - self._last_step_time)
+                self.adaptive.record_step(len(req_ids), total, now - self._last_step_time,
+                                          drafter_ran=self._drafter_ran)
             self._last_step_time = now
             for req_id in finished:
                 self.adaptive.forget(req_id)
@@ -170,7 +175,8 @@ class SpecDiffProposer:
                     drafted = int(num_drafts[i])
                     if drafted and sampled_token_ids[i]:
                         self.adaptive.record_acceptance(req_id, drafted,
-                                                        len(sampled_token_ids[i]) - 1)
+                                                        len(sampled_token_ids[i]) - 1,
+                                                        lookup=self._lookup_used.get(req_id, 0))
         if self.conditioned is not None:
             self._observe_target_states(req_ids, finished, sampled_token_ids, aux_hidden_states,
                                         num_drafts, common_attn_metadata)
@@ -230,15 +236,25 @@ class SpecDiffProposer:
                 if sampled and 0 < int(num_tokens_no_spec[row]) < self.max_model_len]
         temperature, self._row_temperature = self._row_temperature, None
         generators, self._row_generators = self._row_generators, {}
+        self._drafter_ran, self._lookup_used = False, {}
         if not rows or self.drafter is None:
             return drafts
-        lengths = self._draft_lengths(rows)
+        found: dict[int, list[int]] = {}
+        if self.conditioned is not None:
+            # Rows whose cached context ends right before their anchor (the last sampled token)
+            # draft; the others (states missing) run this step without drafts.
+            req_ids = self._req_ids
+            rows = [row for row in rows if row < len(req_ids) and self.conditioned.anchor_ready(
+                req_ids[row], int(num_tokens_no_spec[row]) - 1)]
+            if self.config.lookup:
+                found = self._lookup(rows, token_ids_cpu, num_tokens_no_spec)
+        lengths = self._draft_lengths(rows, found, temperature)
         rows = [row for row in rows if lengths.get(row, self.num_draft_tokens) > 0]
         if not rows:
             return drafts
         if self.conditioned is not None:
             return self._propose_conditioned(step, rows, sampled_token_ids, num_tokens_no_spec,
-                                             token_ids_cpu, temperature, generators, drafts, lengths)
+                                             temperature, generators, drafts, lengths, found)
         contexts = []
         for row in rows:
             end = int(num_tokens_no_spec[row])
@@ -246,6 +262,7 @@ class SpecDiffProposer:
         draft_temperature = self._draft_temperatures(rows, temperature)
         row_generators = self._generators(step, rows, num_tokens_no_spec, generators)
         start = time.perf_counter()
+        self._drafter_ran = True
         try:
             out = self.drafter.draft(contexts, temperature=draft_temperature,
                                      generator=row_generators)
@@ -264,57 +281,76 @@ class SpecDiffProposer:
             self.stats["digest"] = self._digest.hexdigest()
         return drafts
 
+    def _lookup(self, rows: list[int], token_ids_cpu: np.ndarray,
+                num_tokens_no_spec: np.ndarray) -> dict[int, list[int]]:
+        """Prompt lookup per row: a continuation of the suffix found in the context."""
+        from ..drafting.lookup import prompt_lookup
+
+        found = {}
+        for row in rows:
+            tokens = prompt_lookup(token_ids_cpu[row], int(num_tokens_no_spec[row]),
+                                   self.num_draft_tokens)
+            if tokens:
+                found[row] = tokens
+        return found
+
     def _propose_conditioned(self, step: int, rows: list[int], sampled_token_ids: list[list[int]],
-                             num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
-                             temperature: np.ndarray | None,
-                             generators: Mapping[int, torch.Generator],
-                             drafts: list[list[int]], lengths: dict[int, int]) -> list[list[int]]:
-        """Rows whose cached context ends right before their anchor (the last sampled token) draft;
-        the others (states missing) run this step without drafts."""
+                             num_tokens_no_spec: np.ndarray, temperature: np.ndarray | None,
+                             generators: Mapping[int, torch.Generator], drafts: list[list[int]],
+                             lengths: dict[int, int], found: dict[int, list[int]]) -> list[list[int]]:
+        """Lookup tokens enter each block as revealed (one-hot) positions and the drafter denoises
+        the rest around them; rows whose draft is all lookup tokens skip the drafter (ngram's
+        cost), and when no row needs the drafter it does not run this step."""
         state = self.conditioned
         req_ids = self._req_ids
-        ready = [row for row in rows if row < len(req_ids)
-                 and state.anchor_ready(req_ids[row], int(num_tokens_no_spec[row]) - 1)]
-        if not ready:
+        k = self.num_draft_tokens
+        model_rows = [row for row in rows if lengths.get(row, k) > len(found.get(row, ()))]
+        for row in rows:
+            used = min(len(found.get(row, ())), lengths.get(row, k))
+            if used:
+                self._lookup_used[req_ids[row]] = used
+                self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + used
+            if row not in model_rows:
+                drafts[row] = found[row][:lengths.get(row, k)]
+                self.stats["lookup_only_rows"] = self.stats.get("lookup_only_rows", 0) + 1
+        if not model_rows:
             return drafts
-        anchors = [sampled_token_ids[row][-1] for row in ready]
-        draft_temperature = self._draft_temperatures(ready, temperature)
-        row_generators = self._generators(step, ready, num_tokens_no_spec, generators)
+        anchors = [sampled_token_ids[row][-1] for row in model_rows]
+        draft_temperature = self._draft_temperatures(model_rows, temperature)
+        row_generators = self._generators(step, model_rows, num_tokens_no_spec, generators)
         start = time.perf_counter()
         revealed = None
-        if self.config.lookup:
-            # Prompt lookup: a continuation of the suffix found in the context enters the block as
-            # revealed (one-hot) positions; the drafter denoises the rest around them.
-            from ..drafting.lookup import prompt_lookup
-
-            revealed = torch.full((len(ready), self.num_draft_tokens), -1, dtype=torch.long)
-            for i, row in enumerate(ready):
-                found = prompt_lookup(token_ids_cpu[row], int(num_tokens_no_spec[row]),
-                                      self.num_draft_tokens)
-                if found:
-                    revealed[i, :len(found)] = torch.tensor(found)
-            if not bool((revealed >= 0).any()):
-                revealed = None
-            else:
-                self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + int(
-                    (revealed >= 0).sum())
+        if any(row in found for row in model_rows):
+            revealed = torch.full((len(model_rows), k), -1, dtype=torch.long)
+            for i, row in enumerate(model_rows):
+                if row in found:
+                    revealed[i, :len(found[row])] = torch.tensor(found[row])
         # Full q only when some row samples its drafts; all-argmax rounds verify one-hot (vLLM's
         # path without draft probabilities, identical law) and skip the [rows, k, vocab] tensor.
         sampled_rows = (self.config.use_full_draft_probs and self.drafter.policy == "sampled"
                         and bool((draft_temperature > 0).any()))
+        self._drafter_ran = True
         try:
-            out = state.draft([req_ids[row] for row in ready], anchors, draft_temperature,
+            out = state.draft([req_ids[row] for row in model_rows], anchors, draft_temperature,
                               row_generators, self.drafter.policy, revealed_tokens=revealed,
                               with_probs=sampled_rows)
             token_ids = out.token_ids.tolist()
         except Exception:
-            return self._drafting_failed(drafts)
+            self._lookup_used = {}
+            return self._drafting_failed([[] for _ in drafts])
         elapsed = time.perf_counter() - start
-        for row, ids in zip(ready, token_ids):
+        for row, ids in zip(model_rows, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
         if sampled_rows:
-            self._keep_draft_probs(out.draft_probs, ready, len(sampled_token_ids))
-        self._record(len(ready), elapsed)
+            self._keep_draft_probs(out.draft_probs, model_rows, len(sampled_token_ids))
+            # Lookup-only rows (a fresh [num_rows, k, vocab] tensor holds them, zero): their law
+            # is a point mass, one-hot q.
+            probs = self._last_draft_probs
+            for row in rows:
+                if row not in model_rows:
+                    ids = torch.tensor(drafts[row], device=probs.device)
+                    probs[row, torch.arange(len(ids), device=probs.device), ids] = 1.0
+        self._record(len(model_rows), elapsed)
         return drafts
 
     def _keep_draft_probs(self, probs: torch.Tensor, rows: list[int], num_rows: int) -> None:
@@ -335,11 +371,14 @@ class SpecDiffProposer:
             logger.exception("specdiff: the drafter failed; this step runs without drafts")
         return drafts
 
-    def _draft_lengths(self, rows: list[int]) -> dict[int, int]:
+    def _draft_lengths(self, rows: list[int], found: dict[int, list[int]],
+                       temperature: np.ndarray | None) -> dict[int, int]:
         """Adaptive draft length per row (empty = num_draft_tokens for every row)."""
-        if self.adaptive is None or len(self._req_ids) < max(rows) + 1:
+        if self.adaptive is None or not rows or len(self._req_ids) < max(rows) + 1:
             return {}
-        alloc = self.adaptive.allocate([self._req_ids[row] for row in rows])
+        sampled = None if temperature is None else [bool(temperature[row] > 0) for row in rows]
+        alloc = self.adaptive.allocate([self._req_ids[row] for row in rows],
+                                       [len(found.get(row, ())) for row in rows], sampled)
         self.stats["adaptive_draft_tokens"] = self.stats.get("adaptive_draft_tokens", 0) + sum(alloc)
         self.stats["adaptive_rows"] = self.stats.get("adaptive_rows", 0) + len(rows)
         return dict(zip(rows, alloc))
