@@ -38,6 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--min-prompts", type=int, default=None,
+                        help="each cell runs max(batch, this) prompts (default: all of them)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole engine list this many times (in order, A B C .. A B C) "
+                             "and report each engine's mean tokens/s: host noise averages out")
     parser.add_argument("--k", type=int, default=4, help="draft tokens of every speculator")
     parser.add_argument("--sedd-k", type=int, default=8)
     parser.add_argument("--sedd-steps", type=int, default=2)
@@ -69,10 +74,15 @@ def main(argv=None) -> int:
                                   options=specdiff_options + (("lookup", args.lookup),)))
     engines.append(EngineSpec("none"))  # the baseline again: its spread bounds the noise
     results, t0 = [], time.time()
-    for spec in engines:
-        print(f"[peers] {spec.label} ...", flush=True)
-        results += run_isolated(spec, target, prompts, batches, temperatures, args.max_tokens,
-                                dtype=dtype)
+    runs: dict[int, list[list[dict]]] = {}
+    for round_index in range(args.rounds):
+        for index, spec in enumerate(engines):
+            print(f"[peers] round {round_index + 1}/{args.rounds}: {spec.label} ...", flush=True)
+            runs.setdefault(index, []).append(run_isolated(
+                spec, target, prompts, batches, temperatures, args.max_tokens, dtype=dtype,
+                min_prompts=args.min_prompts))
+    for index in sorted(runs):
+        results += merge_rounds(runs[index])
     add_speedups(results)
     device = device_name()
     for r in results:
@@ -87,6 +97,26 @@ def main(argv=None) -> int:
     print(format_table(results))
     plot(results, out.with_suffix(""))
     return 0
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One engine's rows over several rounds: tokens and seconds summed per cell (tokens/s is
+    their ratio), acceptance counters summed, per-round tokens/s kept."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for rows in zip(*rounds):
+        row = dict(rows[0])
+        row["round_tokens_per_s"] = [r["tokens_per_s"] for r in rows]
+        for key in ("tokens", "seconds", "num_drafts", "num_accepted_tokens"):
+            row[key] = sum(r[key] for r in rows)
+        row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        if row["num_drafts"]:
+            row["mean_acceptance_length"] = 1 + row["num_accepted_tokens"] / row["num_drafts"]
+            row["acceptance_histogram"] = [sum(r["acceptance_histogram"][i] for r in rows)
+                                           for i in range(len(row["acceptance_histogram"]))]
+        merged.append(row)
+    return merged
 
 
 def plot(results: list[dict], stem: Path) -> None:

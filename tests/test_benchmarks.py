@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_offline  # noqa: E402
+import bench_peers  # noqa: E402
 import bench_serve  # noqa: E402
 import cost_model  # noqa: E402
 import plots  # noqa: E402
@@ -571,3 +572,20 @@ def test_default_dtype_is_float32_on_cpu_and_bf16_on_gpu(monkeypatch):
     assert default_dtype() == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_dtype("auto") == "bfloat16"
+
+
+def test_bench_peers_merges_rounds_by_summing_tokens_and_seconds():
+    def row(tps_tokens, seconds, drafts, accepted, hist):
+        return {"label": "x", "batch": 1, "temperature": 0.0, "tokens": tps_tokens, "seconds": seconds,
+                "tokens_per_s": tps_tokens / seconds, "num_drafts": drafts,
+                "num_accepted_tokens": accepted, "acceptance_histogram": hist,
+                "mean_acceptance_length": 1 + accepted / drafts}
+    first = [row(100, 10.0, 50, 25, [30, 15, 5])]
+    second = [row(100, 5.0, 50, 75, [10, 20, 20])]
+    (merged,) = bench_peers.merge_rounds([first, second])
+    assert merged["tokens_per_s"] == pytest.approx(200 / 15)
+    assert merged["round_tokens_per_s"] == [10.0, 20.0]
+    assert merged["mean_acceptance_length"] == pytest.approx(2.0)
+    assert merged["acceptance_histogram"] == [40, 35, 25]
+    assert bench_peers.merge_rounds([first]) == first
+    assert first[0]["tokens_per_s"] == 10.0  # inputs untouched

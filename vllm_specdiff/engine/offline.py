@@ -108,9 +108,12 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], batches: Sequence[int],
                temperatures: Sequence[float], max_tokens: int, dtype: str = "bfloat16",
                seed: int = 0, max_model_len: int = 1024, repeats: int = 1,
-               engine_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               engine_kwargs: dict[str, Any] | None = None,
+               min_prompts: int | None = None) -> list[dict[str, Any]]:
     """Build one engine and time every (temperature, batch) pair on `prompts` (in this process).
-    engine_kwargs: more LLM(...) arguments (e.g. block_size)."""
+    engine_kwargs: more LLM(...) arguments (e.g. block_size). min_prompts: each cell runs
+    max(batch, min_prompts) prompts (the list cycled) instead of all of them, so that a batch-1 cell
+    costs as much wall time as a full batch-16 one rather than 16 times more."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # This process already isolates the engine; in-process engine core builds in seconds, not ~45 s.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -133,12 +136,14 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
     results = []
     for temperature in temperatures:
         for batch in batches:
+            cell = list(prompts) if min_prompts is None else \
+                [prompts[i % len(prompts)] for i in range(max(batch, min_prompts))]
             before = spec_counters(llm.get_metrics())
             tokens, texts = 0, []
             start = time.perf_counter()
             for _ in range(repeats):
-                for first in range(0, len(prompts), batch):
-                    group = prompts[first:first + batch]
+                for first in range(0, len(cell), batch):
+                    group = cell[first:first + batch]
                     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                              ignore_eos=True, seed=seed + first + i)
                               for i in range(len(group))]
