@@ -192,6 +192,9 @@ def main(argv=None) -> int:
                              "'dflash (peer)=WORK/drafter' (the DFlash peer's copy in our format) or "
                              "an earlier version")
     parser.add_argument("--k-plot", default="benchmarks/results/acceptance-vs-k.png")
+    parser.add_argument("--curve", action="append", default=[], metavar="NAME=JSONL",
+                        help="more learning curves (a trainer's learning_curve.jsonl) drawn beside "
+                             "the work dir's, e.g. an earlier run on less data")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--anchors-per-seq", type=int, default=16)
     parser.add_argument("--t1-sequences", type=int, default=6)
@@ -295,8 +298,16 @@ def main(argv=None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([c["positions_seen"] / 1e6 for c in curve], [c["acceptance_length"] for c in curve],
-                marker="o")
+        curves = [("this work dir", curve)]
+        for spec in args.curve:
+            name, _, path = spec.rpartition("=")
+            lines = Path(path).expanduser().read_text().splitlines()
+            curves.append((name, [json.loads(line) for line in lines if line.strip()]))
+        for name, points in curves:
+            ax.plot([c["positions_seen"] / 1e6 for c in points],
+                    [c["acceptance_length"] for c in points], marker="o", label=name)
+        if len(curves) > 1:
+            ax.legend(fontsize=7)
         ax.set_xlabel("predicted block positions seen in training (millions)")
         ax.set_ylabel("held-out simulated acceptance length (k=8, T=1)")
         ax.set_title("conditioned drafter, SmolLM2-135M, 2-core CPU")
