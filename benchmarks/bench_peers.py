@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--min-prompts", type=int, default=None,
                         help="each cell runs max(batch, this) prompts (default: all of them)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run the whole engine list this many times (in order, A B C .. A B C) "
-                             "and report each engine's mean tokens/s: host noise averages out")
+                        help="run the whole engine list this many times (in order, A B C .. A B C); "
+                             "a row's tokens/s is its tokens over its seconds summed over the rounds "
+                             "(each round's is kept in round_tokens_per_s): host noise averages out")
     parser.add_argument("--k", type=int, default=4, help="draft tokens of every speculator")
     parser.add_argument("--sedd-k", type=int, default=8)
     parser.add_argument("--sedd-steps", type=int, default=2)
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default="benchmarks/results/peers.jsonl")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or (args.min_prompts is not None and args.min_prompts < 1):
+        parser.error("--rounds and --min-prompts must be >= 1")
     if args.dflash is None:
         args.dflash = str(DFLASH_DRAFTER_DIR)
     dtype = default_dtype(args.dtype)

@@ -305,14 +305,15 @@ class SpecDiffProposer:
         req_ids = self._req_ids
         k = self.num_draft_tokens
         model_rows = [row for row in rows if lengths.get(row, k) > len(found.get(row, ()))]
+        lookup_only = [row for row in rows if lengths.get(row, k) <= len(found.get(row, ()))]
         for row in rows:
             used = min(len(found.get(row, ())), lengths.get(row, k))
             if used:
                 self._lookup_used[req_ids[row]] = used
                 self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + used
-            if row not in model_rows:
-                drafts[row] = found[row][:lengths.get(row, k)]
-                self.stats["lookup_only_rows"] = self.stats.get("lookup_only_rows", 0) + 1
+        for row in lookup_only:
+            drafts[row] = found[row][:lengths.get(row, k)]
+        self.stats["lookup_only_rows"] = self.stats.get("lookup_only_rows", 0) + len(lookup_only)
         if not model_rows:
             return drafts
         anchors = [sampled_token_ids[row][-1] for row in model_rows]
@@ -346,10 +347,9 @@ class SpecDiffProposer:
             # Lookup-only rows (a fresh [num_rows, k, vocab] tensor holds them, zero): their law
             # is a point mass, one-hot q.
             probs = self._last_draft_probs
-            for row in rows:
-                if row not in model_rows:
-                    ids = torch.tensor(drafts[row], device=probs.device)
-                    probs[row, torch.arange(len(ids), device=probs.device), ids] = 1.0
+            for row in lookup_only:
+                ids = torch.tensor(drafts[row], device=probs.device)
+                probs[row, torch.arange(len(ids), device=probs.device), ids] = 1.0
         self._record(len(model_rows), elapsed)
         return drafts
 
