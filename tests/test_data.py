@@ -97,3 +97,34 @@ def test_token_stream_separates_documents_with_eos_and_no_bos():
     assert int((stream == tok.eos_token_id).sum()) == num_docs
     assert int((stream == tok.bos_token_id).sum()) == 0
     assert stream[-4:].tolist() == [1, 2, 3, tok.eos_token_id]
+
+
+def test_training_prompts_append_later_windows_and_keep_earlier_prompts():
+    from vllm_specdiff.training.conditioned import training_prompts
+
+    articles = [list(range(100, 110)), list(range(200, 204)), list(range(300, 306))]
+    assert training_prompts(articles, 3, 3) == [[100, 101, 102], [200, 201, 202], [300, 301, 302]]
+    # Beyond one window per article: second windows, then third, in article order.
+    more = training_prompts(articles, 3, 6)
+    assert more[:3] == training_prompts(articles, 3, 3)
+    assert more[3:] == [[103, 104, 105], [303, 304, 305], [106, 107, 108]]
+    with pytest.raises(ValueError, match="only 6 prompts"):
+        training_prompts(articles, 3, 7)
+
+
+def test_continuation_cache_is_reused_only_for_its_own_prompts(tmp_path):
+    import json
+
+    from vllm_specdiff.data.target_features import generate_continuations
+
+    cache = tmp_path / "continuations.jsonl"
+    rows = [{"prompt": 0, "temperature": 0.0, "token_ids": [1, 2, 9, 9]},
+            {"prompt": 1, "temperature": 0.0, "token_ids": [3, 4, 8, 8]}]
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Every prompt cached: nothing is generated (no vLLM engine is started).
+    assert generate_continuations("unused", [[1, 2], [3, 4]], [0.0], 2, cache) == [
+        [1, 2, 9, 9], [3, 4, 8, 8]]
+    # The same indices for other prompts are NOT taken from the cache: generation is attempted.
+    with pytest.raises(Exception) as error:
+        generate_continuations(str(tmp_path / "no-such-target"), [[1, 2], [5, 6]], [0.0], 2, cache)
+    assert "no-such-target" in str(error.value)

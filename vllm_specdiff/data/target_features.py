@@ -50,7 +50,8 @@ def generate_continuations(target_dir: str | os.PathLike, prompts: Sequence[Sequ
     """prompt + continuation token ids for every (prompt, temperature), from the target with vLLM.
 
     Results are cached line by line in `cache_path` ({"prompt": i, "temperature": t, "token_ids": [...]});
-    a later call with the same arguments reuses them and only generates what is missing.
+    a later call reuses a cached line only when its tokens start with prompt i (a cache written for
+    another prompt list is never mistaken for this one) and only generates what is missing.
     """
     cache_path = Path(cache_path)
     done: dict[tuple[int, float], list[int]] = {}
@@ -58,7 +59,9 @@ def generate_continuations(target_dir: str | os.PathLike, prompts: Sequence[Sequ
         for line in cache_path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                done[(int(row["prompt"]), float(row["temperature"]))] = row["token_ids"]
+                i, ids = int(row["prompt"]), row["token_ids"]
+                if i < len(prompts) and ids[:len(prompts[i])] == list(prompts[i]):
+                    done[(i, float(row["temperature"]))] = ids
     todo = [(i, float(t)) for t in temperatures for i in range(len(prompts)) if (i, float(t)) not in done]
     if todo:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -307,6 +307,29 @@ def choose_draft_vocab(store: FeatureStore, size: int, vocab_size: int) -> torch
     return counts.topk(size).indices.sort().values
 
 
+def training_prompts(articles: list[list[int]], prompt_tokens: int, count: int) -> list[list[int]]:
+    """`count` prompts of `prompt_tokens` tokens: the opening window of every article in order,
+    then each article's second window, and so on. Asking for more prompts only appends: the first
+    n prompts do not depend on `count`, so a larger run reuses a smaller run's continuations."""
+    prompts: list[list[int]] = []
+    window = 0
+    while len(prompts) < count:
+        start = window * prompt_tokens
+        found = False
+        for ids in articles:
+            if len(ids) >= start + prompt_tokens:
+                found = True
+                prompts.append(ids[start:start + prompt_tokens])
+                if len(prompts) == count:
+                    break
+        if not found:
+            raise ValueError(f"the training articles hold only {len(prompts)} prompts of "
+                             f"{prompt_tokens} tokens; ask for fewer --greedy-prompts / "
+                             "--sampled-prompts")
+        window += 1
+    return prompts
+
+
 def training_sequences(tokenizer, target_dir: Path, cfg: ConditionedTrainConfig,
                        work: Path) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Train sequences [N, S] (greedy + sampled target continuations, real windows) and held-out
@@ -317,13 +340,8 @@ def training_sequences(tokenizer, target_dir: Path, cfg: ConditionedTrainConfig,
     rng = random.Random(cfg.seed)
     articles = data_lib.load_articles("train")
     rng.shuffle(articles)
-    prompts: list[list[int]] = []
-    for article in articles:
-        ids = data_lib.encode(tokenizer, article.text)
-        if len(ids) >= cfg.prompt_tokens:
-            prompts.append(ids[:cfg.prompt_tokens])
-        if len(prompts) == cfg.greedy_prompts + cfg.sampled_prompts:
-            break
+    prompts = training_prompts([data_lib.encode(tokenizer, a.text) for a in articles],
+                               cfg.prompt_tokens, cfg.greedy_prompts + cfg.sampled_prompts)
     greedy = generate_continuations_isolated(target_dir, prompts[:cfg.greedy_prompts], [0.0], cfg.new_tokens,
                                     work / "continuations-train-greedy.jsonl", seed=cfg.seed,
                                     dtype=cfg.gen_dtype)
