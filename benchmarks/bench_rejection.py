@@ -1,4 +1,5 @@
-"""Benchmark batched lossless verification: Triton kernels vs the PyTorch reference vs vLLM.
+"""Benchmark batched lossless verification: Triton kernels vs the PyTorch reference vs vLLM's
+RejectionSampler vs the plugin's (SpecDiffRejectionSampler, the engine's verifier).
 
 Each method is timed on the same inputs in the same process: one speculative verification of a
 ragged batch (Leviathan et al. 2023, Algorithm 1), random numbers included (`draw_random` for ours;
@@ -82,8 +83,9 @@ def ours(inputs: dict, num_draft_tokens: int, implementation: Callable) -> Calla
     return run
 
 
-def vllm_method(inputs: dict, num_draft_tokens: int) -> Callable[[], object]:
-    """vLLM's RejectionSampler.forward on the same batch (metadata built like the GPU runner)."""
+def vllm_method(inputs: dict, num_draft_tokens: int, plugin: bool = False) -> Callable[[], object]:
+    """vLLM's RejectionSampler.forward on the same batch (metadata built like the GPU runner);
+    plugin=True: the plugin's SpecDiffRejectionSampler (what a specdiff engine verifies with)."""
     from vllm.v1.sample.logits_processor import LogitsProcessors
     from vllm.v1.sample.metadata import SamplingMetadata
     from vllm.v1.sample.rejection_sampler import RejectionSampler
@@ -114,7 +116,12 @@ def vllm_method(inputs: dict, num_draft_tokens: int) -> Callable[[], object]:
         repetition_penalties=empty, output_token_ids=[[] for _ in range(batch)],
         allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
     )
-    sampler = RejectionSampler(Sampler(), device=device)
+    if plugin:
+        from vllm_specdiff.vllm_plugin.sampler import specdiff_rejection_sampler_class
+
+        sampler = specdiff_rejection_sampler_class()(Sampler(), device=device)
+    else:
+        sampler = RejectionSampler(Sampler(), device=device)
     draft_probs = None if inputs["draft_probs"] is None else inputs["draft_probs"].float()
     target_logits = inputs["target_logits"]
 
@@ -145,11 +152,11 @@ def available_methods(device: torch.device, only_reference: bool) -> dict[str, s
     """method -> None if runnable, else the reason it is skipped."""
     methods: dict[str, str | None] = {"reference": None}
     if only_reference:
-        methods["triton"] = methods["vllm"] = "skipped (--quick: reference only)"
+        methods["triton"] = methods["vllm"] = methods["plugin"] = "skipped (--quick: reference only)"
         return methods
     if device.type != "cuda":
         methods["triton"] = "skipped (no CUDA GPU)"
-        methods["vllm"] = prepare_vllm_cpu()
+        methods["vllm"] = methods["plugin"] = prepare_vllm_cpu()
         return methods
     try:
         import triton  # noqa: F401
@@ -160,9 +167,9 @@ def available_methods(device: torch.device, only_reference: bool) -> dict[str, s
         methods["triton"] = f"skipped (triton unavailable: {error})"
     try:
         import vllm.v1.sample.rejection_sampler  # noqa: F401
-        methods["vllm"] = None
+        methods["vllm"] = methods["plugin"] = None
     except ImportError as error:
-        methods["vllm"] = f"skipped (vLLM unavailable: {error})"
+        methods["vllm"] = methods["plugin"] = f"skipped (vLLM unavailable: {error})"
     return methods
 
 
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
                         fn = ours(inputs, num_draft_tokens, rejection_sample_triton)
                     else:
-                        fn = vllm_method(inputs, num_draft_tokens)
+                        fn = vllm_method(inputs, num_draft_tokens, plugin=method == "plugin")
                     timings[method] = time_ms(fn, device, warmup, iters)
                     out.write(json.dumps({
                         "device": device_label, "dtype": args.dtype, "batch": batch,

@@ -589,3 +589,20 @@ def test_bad_inputs_raise_value_error(name: str, value: torch.Tensor) -> None:
 def test_max_draft_len_too_small_raises() -> None:
     with pytest.raises(ValueError, match="max_draft_len"):
         rejection_sample(**ragged_inputs([2, 0, 3], 6, seed=27), max_draft_len=2)
+
+
+def test_exponential_rows_follow_each_request_generator() -> None:
+    from vllm_specdiff.verification import exponential_rows
+
+    def source(seeds: list[int | None]):
+        generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        return exponential_rows(6, generators, "cpu")
+    rows = source([1, 2, 3])(torch.tensor([0, 2]))
+    assert rows.shape == (2, 6) and rows.dtype == torch.float32 and (rows > 0).all()
+    # a seeded request's row is the first draw of its own generator, whatever else is drawn
+    expected = torch.empty(6).exponential_(generator=torch.Generator().manual_seed(3))
+    assert torch.equal(rows[1], expected.clamp(min=torch.finfo(torch.float32).tiny))
+    assert torch.equal(source([None, None, 3])(torch.tensor([1, 2]))[1], rows[1])
+    unseeded = exponential_rows(6, None, "cpu")(torch.tensor([0, 1, 2]))
+    assert unseeded.shape == (3, 6) and (unseeded > 0).all()
+    assert exponential_rows(6, None, "cpu")(torch.tensor([], dtype=torch.long)).shape == (0, 6)

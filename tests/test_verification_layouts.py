@@ -53,11 +53,16 @@ def split_rows(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return case["target_logits"][~is_bonus], bonus
 
 
+@pytest.mark.parametrize("kind", ["mixed", "all_greedy", "all_sampled"])
 @pytest.mark.parametrize("one_hot", [True, False])
 @pytest.mark.parametrize("seed", range(6))
-def test_draft_rows_layout_equals_the_reference(one_hot: bool, seed: int) -> None:
+def test_draft_rows_layout_equals_the_reference(one_hot: bool, seed: int, kind: str) -> None:
+    # A batch of one kind takes its own shortcut (no target law for greedy-only batches, no argmax
+    # for sampled-only ones): each must emit what the reference emits.
     case = interleaved_case([3, 0, 5, 1, 4, 2, 5], vocab=11, seed=seed, one_hot=one_hot,
-                            filters=seed % 2 == 0)
+                            filters=seed % 2 == 0, greedy_every=1 if kind == "all_greedy" else 3)
+    if kind == "all_sampled":
+        case["temperature"] = case["temperature"].clamp(min=0.5)
     expected = rejection_sample_reference(**case)
     draft_rows, bonus = split_rows(case)
     out = rejection_sample_drafts(**{**case, "target_logits": draft_rows},
@@ -129,3 +134,50 @@ def test_synthetic_acceptance_rates(greedy: bool) -> None:
     if greedy:  # a rejected greedy position emits the target argmax
         first_rows = draft_rows[torch.tensor([0, 2, 3])]
         assert reject_all.output_token_ids[:, 0].tolist() == first_rows.argmax(-1).tolist()
+
+
+class RecordingRows:
+    """An exponential source that hands out rows of a pre-drawn [batch, vocab] table and records
+    which rows were asked for (the lazy path must agree with the eager one under that table)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table, self.asked = table, []
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        self.asked.extend(rows.tolist())
+        return self.table[rows]
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_lazy_recovery_equals_eager_and_draws_only_for_rejected_sampled_rows(
+        one_hot: bool, seed: int) -> None:
+    num_draft = [3, 0, 2, 4, 1, 0, 3]
+    case = interleaved_case(num_draft, vocab=11, seed=seed, one_hot=one_hot)
+    if seed % 2:  # some placeholders (vLLM's padding) in the lazy path too
+        case["draft_token_ids"][torch.tensor([1, 6])] = PLACEHOLDER_TOKEN_ID
+    draft_rows, bonus = split_rows(case)
+    case = {**case, "target_logits": draft_rows}
+    eager = rejection_sample_drafts(**case, bonus_token_ids=bonus)
+    source = RecordingRows(case["exponential_samples"])
+    lazy = rejection_sample_drafts(**{**case, "exponential_samples": source},
+                                   bonus_token_ids=bonus)
+    assert torch.equal(lazy.output_token_ids, eager.output_token_ids)
+    assert torch.equal(lazy.num_accepted, eager.num_accepted)
+    rejected_sampled = [b for b, n in enumerate(num_draft)
+                        if int(eager.num_accepted[b]) < n and float(case["temperature"][b]) > 0]
+    assert source.asked == rejected_sampled
+
+
+def test_lazy_recovery_draws_nothing_when_every_draft_is_accepted_or_greedy() -> None:
+    case = interleaved_case([2, 1, 3], vocab=7, seed=0, one_hot=True, greedy_every=10,
+                            filters=False)
+    draft_rows, bonus = split_rows(case)
+    case = {**case, "target_logits": draft_rows}
+    source = RecordingRows(case["exponential_samples"])
+    rejection_sample_drafts(**{**case, "exponential_samples": source}, bonus_token_ids=bonus,
+                            acceptance_rates=torch.ones(3))
+    assert source.asked == []
+    case["temperature"][:] = 0.0
+    rejection_sample_drafts(**{**case, "exponential_samples": source}, bonus_token_ids=bonus)
+    assert source.asked == []

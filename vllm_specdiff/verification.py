@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -50,6 +50,10 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
+# The recovered tokens' Exp(1) noise: a [batch, vocab] table drawn up front, or a source that draws
+# rows on demand, called once with the rows (requests) that rejected a sampled draft
+# (`exponential_rows`): a step whose drafts are all accepted, or greedy, draws nothing.
+ExponentialSource = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,15 @@ def check_rejection_inputs(
     if uniform_samples.shape != (num_tokens,) or uniform_samples.dtype != torch.float64:
         fail("uniform_samples", uniform_samples, f"a float64 tensor [num_tokens] = [{num_tokens}] "
              "(see draw_random)")
-    if exponential_samples.shape != (batch, vocab) or not exponential_samples.is_floating_point():
+    if callable(exponential_samples) and not isinstance(exponential_samples, torch.Tensor):
+        if bonus_rows:  # the reference draws its bonus tokens from the same table
+            raise ValueError("rejection_sample: exponential_samples must be a [batch, vocab] "
+                             "tensor here (a row source is taken by rejection_sample_drafts only)")
+        exponential_samples = None  # drawn on demand, with the right shape
+    elif exponential_samples.shape != (batch, vocab) or not exponential_samples.is_floating_point():
         fail("exponential_samples", exponential_samples,
-             f"a float tensor [batch, vocab] = [{batch}, {vocab}] (see draw_random)")
+             f"a float tensor [batch, vocab] = [{batch}, {vocab}] (see draw_random), or a row "
+             "source (see exponential_rows)")
     if max_draft_len is not None and (not isinstance(max_draft_len, int) or max_draft_len < 0):
         raise ValueError(f"rejection_sample: max_draft_len must be None or an int >= 0, "
                          f"got {max_draft_len!r}")
@@ -326,14 +336,32 @@ def draw_random(
     are read from cu_num_draft_tokens on the host: pass it on the CPU to avoid a device sync.
     Exponentials are clamped to the smallest normal float so weights / E is never 0 / 0.
     """
+    batch = cu_num_draft_tokens.shape[0]
+    uniform_samples = draw_uniform_samples(cu_num_draft_tokens, generators, device)
+    per_request = generators is not None and not isinstance(generators, torch.Generator)
+    exponential_samples = torch.empty(batch, vocab_size, dtype=torch.float32, device=device)
+    exponential_samples.exponential_(generator=None if per_request else generators)
+    if per_request:
+        for request, generator in enumerate(generators):
+            if generator is not None:
+                exponential_samples[request].exponential_(generator=generator)
+    exponential_samples.clamp_(min=torch.finfo(torch.float32).tiny)
+    return uniform_samples, exponential_samples
+
+
+def draw_uniform_samples(
+    cu_num_draft_tokens: torch.Tensor,  # [batch]
+    generators: Generators,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """uniform_samples [num_tokens] float64 in [0, 1), as `draw_random` draws them (the same
+    generators rule); pair it with `exponential_rows` for recovered tokens drawn on demand."""
     cu = cu_num_draft_tokens.to("cpu", torch.int64)
     batch = cu.shape[0]
     num_tokens = int(cu[-1]) if batch > 0 else 0
     per_request = generators is not None and not isinstance(generators, torch.Generator)
     shared = None if per_request else generators
     uniform_samples = torch.rand(num_tokens, dtype=torch.float64, device=device, generator=shared)
-    exponential_samples = torch.empty(batch, vocab_size, dtype=torch.float32, device=device)
-    exponential_samples.exponential_(generator=shared)
     if per_request:
         if len(generators) != batch:
             raise ValueError(f"draw_random: got {len(generators)} generators for {batch} requests")
@@ -344,9 +372,38 @@ def draw_random(
             start, end = starts[request], int(cu[request])
             uniform_samples[start:end] = torch.rand(end - start, dtype=torch.float64, device=device,
                                                     generator=generator)
-            exponential_samples[request].exponential_(generator=generator)
-    exponential_samples.clamp_(min=torch.finfo(torch.float32).tiny)
-    return uniform_samples, exponential_samples
+    return uniform_samples
+
+
+def exponential_rows(
+    vocab_size: int,
+    generators: Sequence[torch.Generator | None] | None,
+    device: torch.device | str,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A row source for `rejection_sample_drafts`: called with request indices [rows], it draws
+    [rows, vocab] float32 Exp(1), each seeded request's row from its own generator (None entries
+    and `generators=None` use the global RNG), clamped like `draw_random`.
+
+    The rows are drawn after acceptance is decided, only for the requests that need a recovered
+    token. They are fresh noise, independent of the uniforms that decided acceptance, so the
+    recovered token still follows normalize(max(p - q, 0)); an eager [batch, vocab] table costs
+    batch x vocab draws on every step with a draft (12-15 ms at batch 16 on a 2-core CPU).
+    """
+
+    def draw(rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], vocab_size, dtype=torch.float32, device=device)
+        requests = rows.tolist()
+        seeded = [generators[r] if generators is not None else None for r in requests]
+        unseeded = [i for i, g in enumerate(seeded) if g is None]
+        if unseeded:
+            noise = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
+            out[torch.tensor(unseeded, device=device)] = noise.exponential_()
+        for i, generator in enumerate(seeded):
+            if generator is not None:
+                out[i].exponential_(generator=generator)
+        return out.clamp_(min=torch.finfo(torch.float32).tiny)
+
+    return draw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,13 +458,13 @@ def _accept_then_emit(
     draft_token_ids: torch.Tensor,  # [num_tokens] int; negative = placeholder
     cu_num_draft_tokens: torch.Tensor,  # [batch]
     draft_probs: torch.Tensor | None,  # [num_tokens, vocab]
-    target_probs: torch.Tensor,  # [num_rows, vocab] target law p of each row
-    target_argmax: torch.Tensor,  # [num_rows] argmax of each row's logits (greedy rows)
+    target_probs: torch.Tensor | None,  # [num_rows, vocab] target law p; None: all rows greedy
+    target_argmax: torch.Tensor | None,  # [num_rows] argmax of each row's logits; None: no greedy row
     token_row: torch.Tensor,  # [num_tokens] row of target_probs at each draft position
     is_greedy: torch.Tensor,  # [batch] bool
     bonus: torch.Tensor,  # [batch] int: the token after a fully accepted block
     uniform_samples: torch.Tensor,  # [num_tokens] float64
-    exponential_samples: torch.Tensor,  # [batch, vocab]
+    exponential_samples: ExponentialSource,  # [batch, vocab] or a row source
     max_draft_len: int,
     acceptance_rates: torch.Tensor | None = None,  # [>= max_draft_len]: synthetic acceptance
 ) -> RejectionOutput:
@@ -416,7 +473,7 @@ def _accept_then_emit(
     Vectorised over all draft positions; the residual law max(p - q, 0) is built only at each
     request's first rejection; no host syncs.
     """
-    device = target_probs.device
+    device = draft_token_ids.device
     num_tokens, batch = draft_token_ids.shape[0], cu_num_draft_tokens.shape[0]
     num_draft = num_draft_tokens_per_request(cu_num_draft_tokens)  # [batch]
     draft_start = cu_num_draft_tokens.long() - num_draft  # [batch]
@@ -426,20 +483,24 @@ def _accept_then_emit(
     is_placeholder = drafts < 0  # [num_tokens]: padding, never accepted
     safe_drafts = drafts.clamp(min=0)  # a valid index for the gathers below
 
-    # Draft positions: acceptance needs only p(x_i) and q(x_i).
-    target_prob_of_draft = target_probs[token_row, safe_drafts]  # [num_tokens]
-    if draft_probs is None:
-        draft_prob_of_draft = torch.ones_like(target_prob_of_draft)
-    else:
-        draft_prob_of_draft = draft_probs[torch.arange(num_tokens, device=device), safe_drafts].to(
-            target_probs.dtype)
-    if acceptance_rates is None:
-        random_accepted = (uniform_samples * draft_prob_of_draft.double()
-                           <= target_prob_of_draft.double())
-        accepted = torch.where(is_greedy[token_request], drafts == target_argmax[token_row],
-                               random_accepted)
-    else:  # synthetic: a fixed acceptance probability per position, greedy rows included
+    if acceptance_rates is not None:
+        # synthetic: a fixed acceptance probability per position, greedy rows included
         accepted = uniform_samples < acceptance_rates.double()[token_position]
+    elif target_probs is None:  # every row greedy
+        accepted = drafts == target_argmax[token_row]
+    else:
+        # Draft positions: acceptance needs only p(x_i) and q(x_i).
+        target_prob_of_draft = target_probs[token_row, safe_drafts]  # [num_tokens]
+        if draft_probs is None:
+            draft_prob_of_draft = torch.ones_like(target_prob_of_draft)
+        else:
+            draft_prob_of_draft = draft_probs[torch.arange(num_tokens, device=device),
+                                              safe_drafts].to(target_probs.dtype)
+        accepted = (uniform_samples * draft_prob_of_draft.double()
+                    <= target_prob_of_draft.double())
+        if target_argmax is not None:
+            accepted = torch.where(is_greedy[token_request], drafts == target_argmax[token_row],
+                                   accepted)
     accepted &= ~is_placeholder
 
     width = max_draft_len + 1
@@ -454,19 +515,26 @@ def _accept_then_emit(
         last_draft = (num_draft - 1).clamp(min=0)
         reject_token = (draft_start + torch.minimum(num_accepted, last_draft)).clamp(max=num_tokens - 1)
         reject_row = token_row[reject_token]  # [batch]
-        reject_target_probs = target_probs[reject_row]  # [batch, vocab]
-        if draft_probs is None:
-            residual = reject_target_probs.scatter(1, safe_drafts[reject_token].unsqueeze(1), 0.0)
-        else:
-            residual = (reject_target_probs - draft_probs[reject_token].to(target_probs.dtype)).clamp(min=0.0)
-        # A placeholder proposed nothing (q = 0): recover from p itself. So does a residual that
-        # is all zero (p == q numerically).
-        recover_from_target = (is_placeholder[reject_token].unsqueeze(1)
-                               | (residual.amax(dim=-1, keepdim=True) <= 0))
-        residual = torch.where(recover_from_target, reject_target_probs, residual)
-        recovered = torch.where(is_greedy, target_argmax[reject_row],
-                                exponential_race(residual, exponential_samples))
-        final_token = torch.where(num_accepted < num_draft, recovered, final_token)
+        rejected = num_accepted < num_draft  # [batch]
+        greedy_token = None if target_argmax is None else target_argmax[reject_row]
+        if target_probs is None:  # every row greedy
+            recovered = greedy_token
+        elif isinstance(exponential_samples, torch.Tensor):
+            sampled_token = exponential_race(
+                _residual(target_probs, draft_probs, reject_row, reject_token, safe_drafts,
+                          is_placeholder), exponential_samples)
+            recovered = (sampled_token if greedy_token is None
+                         else torch.where(is_greedy, greedy_token, sampled_token))
+        else:  # a row source: residuals and noise only for the rows that recover a sampled token
+            recovered = (torch.zeros_like(num_accepted) if greedy_token is None
+                         else greedy_token.clone())
+            rows = (rejected & ~is_greedy).nonzero().squeeze(1)  # one host sync
+            if rows.numel():
+                residual = _residual(target_probs, draft_probs, reject_row[rows],
+                                     reject_token[rows], safe_drafts, is_placeholder)
+                recovered = recovered.index_put((rows,), exponential_race(
+                    residual, exponential_samples(rows)))
+        final_token = torch.where(rejected, recovered, final_token)
 
     draft_padded = torch.full((batch, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int64,
                               device=device)
@@ -475,6 +543,28 @@ def _accept_then_emit(
     output = torch.where(slot < num_accepted.unsqueeze(1), draft_padded, PLACEHOLDER_TOKEN_ID)
     output = torch.where(slot == num_accepted.unsqueeze(1), final_token.unsqueeze(1), output)
     return RejectionOutput(output_token_ids=output, num_accepted=num_accepted)
+
+
+def _residual(
+    target_probs: torch.Tensor,  # [num_rows, vocab]
+    draft_probs: torch.Tensor | None,  # [num_tokens, vocab]; None = one-hot
+    reject_row: torch.Tensor,  # [n] row of target_probs at each rejection
+    reject_token: torch.Tensor,  # [n] draft position of each rejection
+    safe_drafts: torch.Tensor,  # [num_tokens] draft ids, placeholders clamped to 0
+    is_placeholder: torch.Tensor,  # [num_tokens] bool
+) -> torch.Tensor:
+    """[n, vocab] weights of the recovered token at each rejection: max(p - q, 0) (one-hot q:
+    p without the drafted token); p itself where the draft was a placeholder (it proposed
+    nothing, q = 0) or the residual is all zero (p == q numerically)."""
+    reject_target_probs = target_probs[reject_row]
+    if draft_probs is None:
+        residual = reject_target_probs.scatter(1, safe_drafts[reject_token].unsqueeze(1), 0.0)
+    else:
+        residual = (reject_target_probs
+                    - draft_probs[reject_token].to(target_probs.dtype)).clamp(min=0.0)
+    recover_from_target = (is_placeholder[reject_token].unsqueeze(1)
+                           | (residual.amax(dim=-1, keepdim=True) <= 0))
+    return torch.where(recover_from_target, reject_target_probs, residual)
 
 
 def rejection_sample_drafts(
@@ -487,7 +577,8 @@ def rejection_sample_drafts(
     top_p: torch.Tensor | None,  # [batch] float; 1.0 = off
     bonus_token_ids: torch.Tensor,  # [batch] int: emitted when every draft is accepted
     uniform_samples: torch.Tensor,  # [num_tokens] float64 in [0, 1)
-    exponential_samples: torch.Tensor,  # [batch, vocab] Exp(1): the recovered token's race
+    exponential_samples: ExponentialSource,  # [batch, vocab] Exp(1) for the recovered token's
+    # race, or a row source (exponential_rows) drawn only for the rows that recover a sampled token
     max_draft_len: int | None = None,
     acceptance_rates: torch.Tensor | None = None,  # [>= max_draft_len] float in [0, 1]
 ) -> RejectionOutput:
@@ -519,12 +610,19 @@ def rejection_sample_drafts(
     device = target_logits.device
     token_request = request_index(num_draft_tokens_per_request(cu_num_draft_tokens), num_tokens)
     is_greedy = temperature == 0  # [batch]
-    scaled_logits = _scaled_rows(target_logits, token_request, temperature, top_k, top_p)
+    # What the rows need (two host syncs): greedy rows the argmax of the raw logits, sampled rows
+    # the target law p. A batch of one kind skips the other's [num_tokens, vocab] pass.
+    any_greedy, any_sampled = bool(is_greedy.any()), not bool(is_greedy.all())
+    if any_sampled:
+        scaled_logits = _scaled_rows(target_logits, token_request, temperature, top_k, top_p)
+        target_probs = scaled_logits.softmax(dim=-1)
+        target_argmax = scaled_logits.argmax(dim=-1) if any_greedy else None
+    else:
+        target_probs, target_argmax = None, target_logits.argmax(dim=-1)
     return _accept_then_emit(
-        draft_token_ids, cu_num_draft_tokens, draft_probs, scaled_logits.softmax(dim=-1),
-        scaled_logits.argmax(dim=-1), torch.arange(num_tokens, device=device), is_greedy,
-        bonus_token_ids.to(device), uniform_samples, exponential_samples, max_draft_len,
-        acceptance_rates)
+        draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs, target_argmax,
+        torch.arange(num_tokens, device=device), is_greedy, bonus_token_ids.to(device),
+        uniform_samples, exponential_samples, max_draft_len, acceptance_rates)
 
 
 def _triton_available() -> bool:
@@ -563,7 +661,9 @@ __all__ = [
     "check_rejection_inputs",
     "draft_position_scaled_logits",
     "draw_random",
+    "draw_uniform_samples",
     "exponential_race",
+    "exponential_rows",
     "mask_filtered_logits",
     "rejection_sample",
     "rejection_sample_drafts",

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..verification import (draft_position_scaled_logits, draw_random, rejection_sample,
-                            rejection_sample_drafts)
+from ..verification import (draft_position_scaled_logits, draw_random, draw_uniform_samples,
+                            exponential_rows, rejection_sample, rejection_sample_drafts)
 
 REJECTION_SAMPLE_METHODS = ("standard", "synthetic")
 
@@ -105,18 +105,20 @@ def specdiff_rejection_sampler_class() -> type:
                 temperature = torch.zeros(batch, dtype=torch.float32, device=device)
             temperature = temperature.to(torch.float32)
             synthetic_rates = self.synthetic_conditional_rates
-            uniform_samples, exponential_samples = self._random_numbers(
-                num_draft, vocab, sampling_metadata, synthetic_rates is not None, device)
             draft_token_ids = metadata.draft_token_ids
+            use_kernels = (self.kernels is not None and synthetic_rates is None
+                           # The kernels expect valid draft ids; placeholders (-1, vLLM's padding
+                           # after a grammar rejected drafts) are rare: this one host sync routes
+                           # them to the PyTorch path, which handles them.
+                           and not bool((draft_token_ids < 0).any()))
+            uniform_samples, exponential_samples = self._random_numbers(
+                num_draft, vocab, sampling_metadata, synthetic_rates is not None, device,
+                eager=use_kernels)
             if draft_probs is not None:
                 draft_probs = draft_probs.to(torch.float32).contiguous()
             args = (draft_token_ids, metadata.cu_num_draft_tokens, draft_probs, target_logits,
                     temperature, sampling_metadata.top_k, sampling_metadata.top_p)
-            if (self.kernels is not None and synthetic_rates is None
-                    # The kernels expect valid draft ids; placeholders (-1, vLLM's padding after
-                    # a grammar rejected drafts) are rare: this one host sync routes them to the
-                    # PyTorch path, which handles them.
-                    and not bool((draft_token_ids < 0).any())):
+            if use_kernels:
                 output_token_ids = self._verify_with_kernels(
                     *args, bonus_token_ids, uniform_samples, exponential_samples, num_draft,
                     metadata.max_spec_len)
@@ -142,12 +144,15 @@ def specdiff_rejection_sampler_class() -> type:
 
         @staticmethod
         def _random_numbers(num_draft: list[int], vocab: int, sampling_metadata,
-                            synthetic: bool, device: torch.device):
-            """(uniform [num_tokens] float64, exponential [batch, vocab]) for verification.
+                            synthetic: bool, device: torch.device, eager: bool):
+            """(uniform [num_tokens] float64, the recovered tokens' exponential noise).
 
             Like vLLM: seeded requests draw from their own generator, and only when they have
             drafts (a generator's stream must not depend on steps without drafts); an all-greedy
-            batch draws nothing (greedy rows read neither).
+            batch draws nothing (greedy rows read neither). The noise is a row source
+            (verification.exponential_rows): only requests that reject a sampled draft draw a
+            [vocab] row, where vLLM draws [batch, vocab] on every step with a draft. The Triton
+            kernels (`eager`) read a full table.
             """
             cu_cpu = torch.as_tensor(np.cumsum(num_draft, dtype=np.int64))
             if sampling_metadata.all_greedy and not synthetic:
@@ -157,7 +162,10 @@ def specdiff_rejection_sampler_class() -> type:
             gens = sampling_metadata.generators
             generators = ([gens.get(i) if n > 0 else None for i, n in enumerate(num_draft)]
                           if gens else None)
-            return draw_random(cu_cpu, vocab, generators, device)
+            if eager:
+                return draw_random(cu_cpu, vocab, generators, device)
+            return (draw_uniform_samples(cu_cpu, generators, device),
+                    exponential_rows(vocab, generators, device))
 
         def _verify_with_kernels(self, draft_token_ids, cu_num_draft_tokens, draft_probs,
                                  target_logits, temperature, top_k, top_p, bonus_token_ids,
