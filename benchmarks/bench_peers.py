@@ -114,6 +114,12 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
         for key in ("tokens", "seconds", "num_drafts", "num_accepted_tokens"):
             row[key] = sum(r[key] for r in rows)
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        steps = [r.get("engine_steps") or 0 for r in rows]
+        for key in ("plugin_ms_per_step", "observe_ms_per_step", "drafter_ms_per_step"):
+            if sum(steps) and all(r.get(key) is not None for r in rows):
+                row[key] = sum(r[key] * n for r, n in zip(rows, steps)) / sum(steps)
+        if sum(steps):
+            row["engine_steps"] = sum(steps)
         if row["num_drafts"]:
             row["mean_acceptance_length"] = 1 + row["num_accepted_tokens"] / row["num_drafts"]
             row["acceptance_histogram"] = [sum(r["acceptance_histogram"][i] for r in rows)

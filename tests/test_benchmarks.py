@@ -589,3 +589,19 @@ def test_bench_peers_merges_rounds_by_summing_tokens_and_seconds():
     assert merged["acceptance_histogram"] == [40, 35, 25]
     assert bench_peers.merge_rounds([first]) == first
     assert first[0]["tokens_per_s"] == 10.0  # inputs untouched
+
+
+def test_plugin_cost_per_cell_is_a_per_engine_step_difference():
+    from vllm_specdiff.engine.offline import _plugin_delta
+
+    before = {"engine_steps": 10, "proposer_seconds": 1.0, "observe_seconds": 0.2,
+              "draft_seconds": 0.5}
+    after = {"engine_steps": 30, "proposer_seconds": 1.4, "observe_seconds": 0.3,
+             "draft_seconds": 0.7}
+    delta = _plugin_delta(after, before)
+    assert delta["engine_steps"] == 20
+    assert delta["plugin_ms_per_step"] == pytest.approx(20.0)
+    assert delta["observe_ms_per_step"] == pytest.approx(5.0)
+    assert delta["drafter_ms_per_step"] == pytest.approx(10.0)
+    assert _plugin_delta({}, {}) == {}  # not a specdiff engine
+    assert _plugin_delta(before, before)["plugin_ms_per_step"] is None  # no steps in the cell

@@ -278,6 +278,9 @@ def test_engine_output_law_is_the_target_law(small_llama_target, small_llama_dra
     # Both drafting paths were verified: blocks the drafter denoised around lookup tokens, and
     # blocks that lookup filled alone (no drafter call, one-hot q beside sampled rows' full q).
     assert stats["drafted_rows"] > 0 and stats.get("lookup_only_rows", 0) > 0, stats
+    # The plugin's own time per engine step is accounted (bench_peers reports it per cell).
+    assert stats["engine_steps"] >= stats["steps"] > 0, stats
+    assert stats["proposer_seconds"] > stats["observe_seconds"] > 0, stats
     p_a, p_b = chi_square_p(counts_a, law_a), chi_square_p(counts_b, law_b)
     p_a2 = chi_square_p(counts_a.sum(-1), law_a.sum(-1))
     # Power: the same counts against a slightly wrong law (another temperature) must fail.

@@ -105,6 +105,35 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
             "accepted": after["accepted"] - before["accepted"], "accepted_per_pos": per_pos}
 
 
+def _plugin_stats(worker) -> dict[str, Any]:
+    drafter = getattr(worker.model_runner, "drafter", None)
+    stats = getattr(drafter, "stats", None)
+    return dict(stats) if type(drafter).__name__ == "SpecDiffProposer" and stats else {}
+
+
+def plugin_stats(llm) -> dict[str, Any]:
+    """The specdiff proposer's counters ({} for other engines): engine steps, the plugin's own
+    seconds (observe_seconds, proposer_seconds), drafter seconds and rows."""
+    try:
+        return llm.collective_rpc(_plugin_stats)[0]
+    except (AttributeError, NotImplementedError):  # no collective_rpc: no plugin figures
+        return {}
+
+
+def _plugin_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """Per-cell plugin cost: ms per engine step of the plugin (all of it, and its observe part) and
+    of the drafter model, and the steps they are averaged over."""
+    if not after:
+        return {}
+    steps = after.get("engine_steps", 0) - before.get("engine_steps", 0)
+
+    def per_step(key: str) -> float | None:
+        return (1e3 * (after.get(key, 0.0) - before.get(key, 0.0)) / steps) if steps else None
+    return {"engine_steps": steps, "plugin_ms_per_step": per_step("proposer_seconds"),
+            "observe_ms_per_step": per_step("observe_seconds"),
+            "drafter_ms_per_step": per_step("draft_seconds")}
+
+
 def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], batches: Sequence[int],
                temperatures: Sequence[float], max_tokens: int, dtype: str = "bfloat16",
                seed: int = 0, max_model_len: int = 1024, repeats: int = 1,
@@ -139,6 +168,7 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
             cell = list(prompts) if min_prompts is None else \
                 [prompts[i % len(prompts)] for i in range(max(batch, min_prompts))]
             before = spec_counters(llm.get_metrics())
+            plugin_before = plugin_stats(llm)
             tokens, texts = 0, []
             start = time.perf_counter()
             for _ in range(repeats):
@@ -153,6 +183,7 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
                     texts.extend(o.outputs[0].text for o in outputs)
             seconds = time.perf_counter() - start
             counters = _delta(spec_counters(llm.get_metrics()), before)
+            plugin = _plugin_delta(plugin_stats(llm), plugin_before)
             k = spec.num_draft_tokens
             results.append({
                 "method": spec.method, "kind": spec.kind, "label": spec.label, "drafter": spec.drafter,
@@ -169,6 +200,7 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
                 "mean_acceptance_length": (1 + counters["accepted"] / counters["drafts"])
                 if counters["drafts"] else None,
                 "sample": texts[0] if texts else "",
+                **plugin,
             })
     return results
 
@@ -223,7 +255,7 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     header = (f"{'method':<34} {'temp':>4} {'batch':>5} {'tok/s':>8} {'accept len':>10} "
-              f"{'vs none':>8} {'vs draft_model':>14} {'vs best peer':>12}")
+              f"{'vs none':>8} {'vs draft_model':>14} {'vs best peer':>12} {'plugin ms/step':>14}")
     lines = [header, "-" * len(header)]
     for r in sorted(results, key=lambda r: (r["temperature"], r["batch"], METHODS.index(r["method"]),
                                             r["label"])):
@@ -231,8 +263,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
         vs_none = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         vs_dm = f"{r['speedup_vs_draft_model']:.2f}x" if r.get("speedup_vs_draft_model") else "-"
         vs_peer = f"{r['speedup_vs_best_peer']:.2f}x" if r.get("speedup_vs_best_peer") else "-"
+        plugin = (f"{r['plugin_ms_per_step']:.1f}" if r.get("plugin_ms_per_step") is not None
+                  else "-")
         lines.append(f"{r['label']:<34} {r['temperature']:>4g} {r['batch']:>5} "
-                     f"{r['tokens_per_s']:>8.1f} {accept:>10} {vs_none:>8} {vs_dm:>14} {vs_peer:>12}")
+                     f"{r['tokens_per_s']:>8.1f} {accept:>10} {vs_none:>8} {vs_dm:>14} {vs_peer:>12} "
+                     f"{plugin:>14}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from .config import (ADDITIONAL_CONFIG_KEY, METHOD, PROPOSER_CLASS, SPECDIFF_ONLY_KEYS, SpecDiffConfig,
@@ -720,12 +721,14 @@ def install_runner_patch() -> None:
         if not isinstance(drafter, SpecDiffProposer):
             return original(self, *args, **kwargs)
         drafter.bind_runner(self)
+        start = time.perf_counter()
         # Request ids, accepted counts, step timing and (conditioned drafters) the target's layer
         # outputs of the tokens it just processed.
         bound = signature.bind(self, *args, **kwargs).arguments
         drafter.observe_step(self, bound["scheduler_output"], bound["sampled_token_ids"],
                              bound.get("aux_hidden_states"), bound.get("spec_decode_metadata"),
                              bound.get("common_attn_metadata"))
+        observed = time.perf_counter()
         batch = self.input_batch
         num_reqs = batch.num_reqs
         temperature_cpu = getattr(batch, "temperature_cpu", None)
@@ -741,6 +744,12 @@ def install_runner_patch() -> None:
         if draft_probs is not None:
             self._draft_probs = draft_probs
             self._draft_prob_req_ids = batch.req_ids.copy()
+        # The plugin's own time per engine step (observing, lookup, allocation, drafting):
+        # what speculation costs beyond the target's verify forward and the sampler.
+        stats = drafter.stats
+        stats["engine_steps"] = stats.get("engine_steps", 0) + 1
+        stats["observe_seconds"] = stats.get("observe_seconds", 0.0) + observed - start
+        stats["proposer_seconds"] = stats.get("proposer_seconds", 0.0) + time.perf_counter() - start
         return draft_token_ids
 
     GPUModelRunner.propose_draft_token_ids = _mark(propose_draft_token_ids)
