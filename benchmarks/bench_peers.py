@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cond-steps", default="1,2", help="T values of the conditioned drafter")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--verifier", choices=("auto", "specdiff", "vllm"), default=None,
+                        help="specdiff engines' --specdiff-verifier (default: the plugin's auto)")
     parser.add_argument("--dflash", default=None,
                         help="DFlash-format drafter for vLLM's dflash (default: the shipped one)")
     parser.add_argument("--dtype", default="auto")
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     temperatures = [float(t) for t in args.temperatures.split(",")]
     target = str(prepare_target())
     prompts = heldout_prompts(target_tokenizer(), args.num_prompts, args.prompt_tokens)
-    specdiff_options = (("adaptive", args.adaptive),)
+    specdiff_options = (("adaptive", args.adaptive),) + (
+        (("verifier", args.verifier),) if args.verifier else ())
     engines = [EngineSpec("none"), EngineSpec("ngram", num_draft_tokens=args.k),
                EngineSpec("draft_model", drafter=str(AR_DRAFTER_DIR), num_draft_tokens=args.k)]
     if args.dflash:

@@ -597,9 +597,9 @@ def test_plugin_cost_per_cell_is_a_per_engine_step_difference():
     before = {"engine_steps": 10, "proposer_seconds": 1.0, "observe_seconds": 0.2,
               "draft_seconds": 0.5}
     after = {"engine_steps": 30, "proposer_seconds": 1.4, "observe_seconds": 0.3,
-             "draft_seconds": 0.7}
+             "draft_seconds": 0.7, "verifier": "specdiff"}
     delta = _plugin_delta(after, before)
-    assert delta["engine_steps"] == 20
+    assert delta["engine_steps"] == 20 and delta["verifier"] == "specdiff"
     assert delta["plugin_ms_per_step"] == pytest.approx(20.0)
     assert delta["observe_ms_per_step"] == pytest.approx(5.0)
     assert delta["drafter_ms_per_step"] == pytest.approx(10.0)

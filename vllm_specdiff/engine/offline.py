@@ -129,7 +129,8 @@ def _plugin_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, An
 
     def per_step(key: str) -> float | None:
         return (1e3 * (after.get(key, 0.0) - before.get(key, 0.0)) / steps) if steps else None
-    return {"engine_steps": steps, "plugin_ms_per_step": per_step("proposer_seconds"),
+    return {"verifier": after.get("verifier"), "engine_steps": steps,
+            "plugin_ms_per_step": per_step("proposer_seconds"),
             "observe_ms_per_step": per_step("observe_seconds"),
             "drafter_ms_per_step": per_step("draft_seconds")}
 

@@ -209,6 +209,7 @@ class SpecDiffProposer:
             return
         self._runner_bound = True
         self.verifier = self.config.verifier_for(self.device.type)
+        self.stats["verifier"] = self.verifier
         if self.verifier == "specdiff":
             from . import patches
 
