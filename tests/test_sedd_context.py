@@ -95,3 +95,37 @@ def test_a_trained_drafters_draft_law_differs_between_contexts_that_the_target_c
         assert tv > MIN_TV and implied > MIN_IMPLIED, (tv, implied)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_target_distillation_teaches_the_drafting_state_the_context(tmp_path):
+    """`--target-features`: the SEDD drafter trained on the target's own laws (a feature store,
+    here the same successor language with its exact next-token law, top-1 = probability 1) drafts
+    the implied token after each context."""
+    from vllm_specdiff.data.target_features import FeatureStore
+
+    threads = torch.get_num_threads()
+    try:
+        powers = _successor_powers()
+        rows = 64
+        starts = torch.randint(0, TOKENS, (rows,), generator=torch.Generator().manual_seed(3))
+        tokens = powers[:, starts].T.contiguous()  # [rows, DOC_LEN]
+        perm = powers[1]
+        store = FeatureStore(token_ids=tokens, features=torch.zeros(rows, DOC_LEN, 1),
+                             topk_ids=perm[tokens][..., None],
+                             topk_logprobs=torch.zeros(rows, DOC_LEN, 1), meta={})
+        stream = tokens.reshape(-1)
+        save_file({"model.embed_tokens.weight": torch.randn(TOKENS, 48,
+                                                            generator=torch.Generator().manual_seed(2))},
+                  str(tmp_path / "model.safetensors"))
+        cfg = training.TrainConfig(steps=150, batch_size=16, seq_len=LENGTH, lr=3e-3, warmup=10,
+                                   seed=0, eval_every=10**9, eval_windows=4, checkpoint_every=10**9,
+                                   threads=1, suffix_max=NUM_DRAFT)
+        training.train_sedd(CONFIG, _TinyTokenizer(TOKENS), cfg, tmp_path / "drafter",
+                            tmp_path / "work", stream, data.fixed_windows(stream, LENGTH, 4),
+                            export_dtype=torch.float16, target_init=tmp_path, target_store=store)
+        exported = SEDD.from_pretrained(tmp_path / "drafter", dtype=torch.float32)
+        tv, implied = _law_stats(_first_slot_laws(exported, powers), powers)
+        print(f"target distillation: context TV {tv:.3f}, p(implied) {implied:.3f}")
+        assert tv > MIN_TV and implied > MIN_IMPLIED, (tv, implied)
+    finally:
+        torch.set_num_threads(threads)

@@ -209,6 +209,69 @@ def sedd_batch_loss(model, x0: torch.Tensor, generator: torch.Generator | None =
     return per_seq.mean()
 
 
+class TargetWindows:
+    """Endless batches of token windows [batch, seq_len] cut from a conditioned feature store (the
+    target's own continuations and its top-k next-token log-probabilities at every position);
+    `last` holds the (rows, starts) of the batch just returned, for `sedd_target_loss`."""
+
+    def __init__(self, store, seq_len: int, batch_size: int, generator: torch.Generator) -> None:
+        if store.token_ids.shape[1] < seq_len:
+            raise ValueError(f"the feature store's sequences have {store.token_ids.shape[1]} tokens, "
+                             f"fewer than --seq-len {seq_len}")
+        self.store, self.seq_len, self.batch_size, self.generator = store, seq_len, batch_size, generator
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __iter__(self) -> "TargetWindows":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n, length = self.store.token_ids.shape
+        rows = torch.randint(0, n, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(0, length - self.seq_len + 1, (self.batch_size,),
+                               generator=self.generator)
+        self.last = (rows, starts)
+        return self.store.token_ids[rows[:, None], starts[:, None] + torch.arange(self.seq_len)]
+
+
+def sedd_target_loss(model, x0: torch.Tensor, store, rows: torch.Tensor, starts: torch.Tensor,
+                     generator: torch.Generator | None = None, suffix_max: int = 8,
+                     gamma: float = 4.0, ce_weight: float = 1.0) -> torch.Tensor:
+    """Distillation loss of a SEDD drafter in its drafting state, from the target's own laws.
+
+    Each window x0 [batch, length] keeps a clean prefix and masks its last m ~ U{1..suffix_max}
+    tokens, at a noise level sigma_bar(t), t ~ U(eps, 1) (the states of SpecDiff's left-to-right
+    sampler at every step). At masked slot j (1 = the first) the drafter's law, softmax of its
+    token scores (with scale_by_sigma the offset is the same for every token), is pulled towards
+    the target's next-token law at that position (its stored top-k, KL) plus cross-entropy on the
+    true token, weighted exp(-(j - 1) / gamma). Slot 1's target law is exactly the law a drafter
+    of the next token should have; later slots use the target's law given the true earlier tokens
+    (teacher forcing, as the conditioned trainer does). A dense, low-variance signal where the
+    score-entropy objective gives the drafting state one sampled token per position.
+    """
+    mask_id = model.config.mask_token_id
+    batch, length = x0.shape
+    t = sample_times(batch, generator, x0.device)
+    sigma_bar = total_noise(t)
+    suffix = torch.randint(1, suffix_max + 1, (batch,), generator=generator)
+    position = torch.arange(length)
+    masked = position[None] >= (length - suffix)[:, None]  # [batch, length]
+    perturbed = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    b, cols = masked.nonzero(as_tuple=True)
+    hidden = _head_inputs(model, perturbed, sigma_bar, b, cols)
+    linear = model.output_layer.linear
+    log_q = F.linear(hidden, linear.weight[:-1], linear.bias[:-1]).log_softmax(-1)  # [num, tokens]
+    # The target's law of the token at absolute position p is stored at position p - 1.
+    absolute = starts[b] + cols
+    top_ids = store.topk_ids[rows[b], absolute - 1]  # [num, K]
+    top_logp = store.topk_logprobs[rows[b], absolute - 1].float()
+    top_p = top_logp.exp()
+    kl = (top_p * (top_logp - log_q.gather(1, top_ids))).sum(-1)
+    ce = -log_q.gather(1, x0[b, cols][:, None]).squeeze(1)
+    slot = cols - (length - suffix[b])  # 0 = first masked slot
+    weight = torch.exp(-slot.float() / gamma)
+    return ((kl + ce_weight * ce) * weight).sum() / weight.sum()
+
+
 def init_sedd_weights(model) -> None:
     """The reference initialisation: adaLN modulations and the output projection start at zero,
     so each block starts as the identity and the initial scores are uniform."""
@@ -535,7 +598,8 @@ def train_sedd(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str |
                train_stream: torch.Tensor | None = None, eval_windows: torch.Tensor | None = None,
                export_dtype: torch.dtype = torch.float16, provenance: dict | None = None,
                resume: bool = False,
-               target_init: str | os.PathLike | None = None) -> tuple[TrainResult, "SEDD"]:
+               target_init: str | os.PathLike | None = None,
+               target_store=None) -> tuple[TrainResult, "SEDD"]:
     """Train a SEDD drafter and export it to `out_dir` in the published checkpoint format.
 
     config_or_checkpoint: a SEDDConfig (from scratch, reference init) or a checkpoint folder /
@@ -544,6 +608,8 @@ def train_sedd(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str |
     the periodic fp32 checkpoints (checkpoint-latest/) and the resumable state.
     target_init: a target folder; a model trained from scratch then starts from the target's
     embeddings and the corpus unigram (`init_sedd_from_target`).
+    target_store: a conditioned feature store (the target's continuations and top-k laws): train
+    with `sedd_target_loss` on its windows instead of score entropy on `train_stream`.
     Returns the result and the exported model (in `export_dtype`).
     """
     from vllm_specdiff.models.sedd import SEDD, SEDDConfig
@@ -588,14 +654,21 @@ def train_sedd(config_or_checkpoint, tokenizer, cfg: TrainConfig, out_dir: str |
     print(f"[vllm-specdiff] SEDD {asdict(model.config)}: {num_params / 1e6:.2f} M params; "
           f"{train_stream.numel():,} training tokens, {eval_windows.shape[0]} held-out windows",
           file=sys.stderr, flush=True)
-    batches = data_lib.random_windows(train_stream, cfg.seq_len, cfg.batch_size,
-                                      torch.Generator().manual_seed(cfg.seed + start_step))
+    batch_generator = torch.Generator().manual_seed(cfg.seed + start_step)
+    if target_store is not None:
+        batches = TargetWindows(target_store, cfg.seq_len, cfg.batch_size, batch_generator)
+    else:
+        batches = data_lib.random_windows(train_stream, cfg.seq_len, cfg.batch_size,
+                                          batch_generator)
 
     def save_checkpoint(m, step: int) -> None:
         m.save_pretrained(work_dir / "checkpoint-latest")
         _write_json(work_dir / "checkpoint-latest" / "step.json", {"step": step})
 
     def loss_fn(x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if target_store is not None:
+            return sedd_target_loss(model, x0, target_store, *batches.last, gen,
+                                    suffix_max=cfg.suffix_max)
         loss = sedd_batch_loss(model, x0, gen, suffix_fraction=cfg.suffix_fraction,
                                suffix_max=cfg.suffix_max, max_head_positions=cfg.max_head_positions)
         # Per token, so that the numbers read like (bounds on) nats per token.
@@ -776,6 +849,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--distill-tokens", type=int, default=128, help="tokens per continuation")
     parser.add_argument("--distill-cache", default=None,
                         help="JSON-lines cache of the samples (default: <cache>/distill-<n>-<seed>.jsonl)")
+    parser.add_argument("--target-features", default=None, metavar="WORK_DIR",
+                        help="SEDD: train on a conditioned trainer's work dir (the target's own "
+                             "continuations and top-k laws, features-train/) with the drafting-state "
+                             "distillation loss instead of score entropy on --sources")
     parser.add_argument("--export-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     return parser
 
@@ -808,6 +885,8 @@ def run_train(args: argparse.Namespace) -> TrainResult:
                   "torch": torch.__version__}
     export_dtype = getattr(torch, args.export_dtype)
     t0 = time.time()
+    if args.target_features and args.kind != "sedd":
+        raise ValueError(f"--target-features trains SEDD drafters only, not --kind {args.kind}")
     if args.kind == "sedd":
         from vllm_specdiff.models.sedd import SEDDConfig
 
@@ -819,9 +898,15 @@ def run_train(args: argparse.Namespace) -> TrainResult:
                                        cond_dim=args.cond_dim, length=args.length,
                                        n_blocks=args.n_blocks, n_heads=args.n_heads,
                                        dropout=args.dropout or 0.0)
+        store = None
+        if args.target_features:
+            from vllm_specdiff.data.target_features import load_feature_store
+
+            store = load_feature_store(Path(args.target_features).expanduser() / "features-train")
         result, _ = train_sedd(init, tokenizer, cfg, args.out, args.work_dir, stream, windows,
                             export_dtype, provenance, resume=args.resume,
-                            target_init=target_dir if args.target_init else None)
+                            target_init=target_dir if args.target_init else None,
+                            target_store=store)
     else:
         init = args.init or ar_config(tokenizer, args.hidden_size, args.n_blocks, args.n_heads)
         result, _ = train_ar(init, tokenizer, cfg, args.out, args.work_dir, stream, windows,
