@@ -46,6 +46,25 @@ def sequence_drafter_greedy(drafter, store, k: int, start: int, anchors_per_seq:
             "anchors": int(lengths.numel())}
 
 
+def context_sensitivity(drafter, store, start: int, num_contexts: int = 24) -> dict:
+    """How much a token-only drafter's law depends on its context: the mean total variation
+    distance between the first-slot draft laws of different held-out contexts (each sequence cut
+    at `start` + its row index, so the contexts end at different positions), and the mean
+    probability the law puts on the target's greedy next token. A drafter that ignores its
+    context has TV ~0 whatever the contexts are."""
+    rows = min(num_contexts, store.num_sequences)
+    cuts = [start + row for row in range(rows)]
+    contexts = [store.token_ids[row, :cut + 1].tolist() for row, cut in enumerate(cuts)]
+    out = drafter.draft(contexts, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    laws = out.draft_probs[:, 0].double()  # [rows, vocab]
+    tv = 0.5 * (laws[:, None] - laws[None]).abs().sum(-1)
+    pairs = ~torch.eye(rows, dtype=torch.bool)
+    greedy = torch.stack([store.topk_ids[row, cut, 0] for row, cut in enumerate(cuts)])
+    return {"context_tv": round(float(tv[pairs].mean()), 5),
+            "p_target_greedy": round(float(laws[torch.arange(rows), greedy].mean()), 5),
+            "contexts": rows}
+
+
 def ngram_greedy(store, k: int, start: int, anchors_per_seq: int) -> dict:
     """Simulated greedy acceptance of prompt lookup (vLLM's ngram: n from 4 down to 2) on the same
     anchors; no match = no drafts (acceptance length 1)."""
@@ -191,6 +210,9 @@ def main(argv=None) -> int:
                         help="more conditioned-format drafters for the greedy table (T = 1), e.g. "
                              "'dflash (peer)=WORK/drafter' (the DFlash peer's copy in our format) or "
                              "an earlier version")
+    parser.add_argument("--sedd", action="append", default=[], metavar="NAME=DIR",
+                        help="another standalone SEDD drafter to evaluate beside the shipped one "
+                             "(e.g. a retrained one before it is shipped)")
     parser.add_argument("--k-plot", default="benchmarks/results/acceptance-vs-k.png")
     parser.add_argument("--curve", action="append", default=[], metavar="NAME=JSONL",
                         help="more learning curves (a trainer's learning_curve.jsonl) drawn beside "
@@ -237,12 +259,18 @@ def main(argv=None) -> int:
         r = ngram_greedy(store, k, start, args.anchors_per_seq)
         rows.append({"drafter": "ngram (prompt lookup)", "num_draft_tokens": k, "num_steps": 0, **r})
         print(json.dumps(rows[-1]), flush=True)
-    sedd = SEDD.from_pretrained(SEDD_DRAFTER_DIR).eval()
-    for k, steps in (((4, 1), (8, 2)) if "greedy" in parts else ()):
-        r = sequence_drafter_greedy(DiffusionDrafter(sedd, k, steps, window=128), store, k, start,
-                                    args.anchors_per_seq)
-        rows.append({"drafter": "sedd (standalone)", "num_draft_tokens": k, "num_steps": steps, **r})
-        print(json.dumps(rows[-1]), flush=True)
+    sedd_drafters = [("sedd (standalone)", str(SEDD_DRAFTER_DIR))] + [
+        (f"sedd (standalone) {name}", folder) for name, _, folder in
+        (spec.rpartition("=") for spec in args.sedd)]
+    for name, folder in (sedd_drafters if "greedy" in parts else ()):
+        sedd = SEDD.from_pretrained(Path(folder).expanduser()).eval()
+        context = context_sensitivity(DiffusionDrafter(sedd, 4, 1, window=128), store, start)
+        for k, steps in ((4, 1), (8, 2)):
+            r = sequence_drafter_greedy(DiffusionDrafter(sedd, k, steps, window=128), store, k,
+                                        start, args.anchors_per_seq)
+            rows.append({"drafter": name, "num_draft_tokens": k, "num_steps": steps, **r,
+                         **context})
+            print(json.dumps(rows[-1]), flush=True)
     ar = AutoModelForCausalLM.from_pretrained(AR_DRAFTER_DIR, dtype=torch.float32).eval()
     for k in ((2, 4, 8) if "greedy" in parts else ()):
         r = sequence_drafter_greedy(AutoregressiveDrafter(ar, k, window=128), store, k, start,
@@ -277,8 +305,10 @@ def main(argv=None) -> int:
     out_path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\n{'drafter':<20} {'k':>3} {'T':>3} {'accept len':>10}  slot accept")
     for r in rows:
+        context = (f"  context TV {r['context_tv']:.4f}, p(target greedy) "
+                   f"{r['p_target_greedy']:.4f}" if "context_tv" in r else "")
         print(f"{r['drafter']:<20} {r['num_draft_tokens']:>3} {r['num_steps']:>3} "
-              f"{r['acceptance_length']:>10.3f}  {r['slot_accept'][:4]}")
+              f"{r['acceptance_length']:>10.3f}  {r['slot_accept'][:4]}{context}")
     print("\ntemperature 1, conditioned drafter: expected acceptance length")
     for r in t1:
         print(f"  k={r['num_draft_tokens']} T={r['num_steps']} {r['policy']:<8} "

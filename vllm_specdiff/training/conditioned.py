@@ -377,6 +377,10 @@ def train_conditioned(cfg: ConditionedTrainConfig, resume: bool = True) -> dict:
     target_dir = Path(cfg.target) if cfg.target else prepare_target(dtype="float32")
     out = Path(cfg.out)
     work = Path(cfg.work_dir) if cfg.work_dir else out.parent / f".{out.name}-work"
+    if cfg.kind == "dflash" and out.resolve() == (work / "drafter").resolve():
+        raise ValueError(f"--out {out} is where --kind dflash keeps its own-format copy for "
+                         "evaluation (<work dir>/drafter): the vLLM-format export would be "
+                         "overwritten; give --out another folder")
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     t_data = time.time()
