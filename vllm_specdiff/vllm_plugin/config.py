@@ -47,11 +47,13 @@ PROPOSER_CLASS = "vllm_specdiff.vllm_plugin.proposer.SpecDiffProposer"
 ORDERS = ("left_to_right", "random")
 VERIFIERS = ("auto", "specdiff", "vllm")
 # verifier "auto": the faster one measured per device. CPU (2-core AVX2 EPYC, float32, vocab 49,152,
-# full q, median ms per verification, `benchmarks/bench_rejection.py`, results/rejection-cpu.jsonl):
+# full q, median ms per RejectionSampler.forward, `benchmarks/bench_rejection.py`,
+# results/rejection-cpu-plugin.jsonl):
 #   batch x drafts      1x4   1x8   4x8   16x4  16x8
-#   specdiff greedy     2.4   2.9  15.5   35.8  47.2      T=1:  2.7   2.8  11.8  29.1  41.3
-#   vllm     greedy     0.8   0.9   3.2   10.4  11.5      T=1:  2.7   3.4  13.8  29.6  40.0   -> vllm
-# (vLLM's CPU sampler with the plugin's #55005 fix; tied when sampling, 3-4x faster greedy.)
+#   specdiff greedy     1.4   2.0   5.4   10.5  18.5      T=1:  5.1   5.9  23.1  56.6  88.5
+#   vllm     greedy     0.9   1.4   6.2   11.2  19.6      T=1:  4.2   5.0  24.9  64.3  89.8   -> vllm
+# (vLLM's CPU sampler with the plugin's #55005 fix; within noise of ours since ours draws the
+#  recovered tokens' noise lazily and skips unneeded passes; vLLM's is the one vLLM's peers use.)
 #   cuda: our Triton kernels, 2.3-7x faster than the PyTorch reference on an H200 (bf16, vocab 50,257,
 #         results/rejection-cuda.jsonl); vLLM's GPU sampler not timed (no vLLM on that machine).
 DEFAULT_VERIFIER = {"cpu": "vllm", "cuda": "specdiff"}
