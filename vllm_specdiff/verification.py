@@ -391,16 +391,13 @@ def exponential_rows(
     """
 
     def draw(rows: torch.Tensor) -> torch.Tensor:
+        # As draw_random: every row from the global RNG, then seeded rows from their generators.
         out = torch.empty(rows.shape[0], vocab_size, dtype=torch.float32, device=device)
-        requests = rows.tolist()
-        seeded = [generators[r] if generators is not None else None for r in requests]
-        unseeded = [i for i, g in enumerate(seeded) if g is None]
-        if unseeded:
-            noise = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
-            out[torch.tensor(unseeded, device=device)] = noise.exponential_()
-        for i, generator in enumerate(seeded):
-            if generator is not None:
-                out[i].exponential_(generator=generator)
+        out.exponential_()
+        if generators is not None:
+            for i, request in enumerate(rows.tolist()):
+                if generators[request] is not None:
+                    out[i].exponential_(generator=generators[request])
         return out.clamp_(min=torch.finfo(torch.float32).tiny)
 
     return draw

@@ -252,8 +252,8 @@ def sedd_target_loss(model, x0: torch.Tensor, store, rows: torch.Tensor, starts:
     batch, length = x0.shape
     t = sample_times(batch, generator, x0.device)
     sigma_bar = total_noise(t)
-    suffix = torch.randint(1, suffix_max + 1, (batch,), generator=generator)
-    position = torch.arange(length)
+    suffix = torch.randint(1, suffix_max + 1, (batch,), generator=generator).to(x0.device)
+    position = torch.arange(length, device=x0.device)
     masked = position[None] >= (length - suffix)[:, None]  # [batch, length]
     perturbed = torch.where(masked, torch.full_like(x0, mask_id), x0)
     b, cols = masked.nonzero(as_tuple=True)
