@@ -210,10 +210,11 @@ class SpecDiffProposer:
         self._runner_bound = True
         self.verifier = self.config.verifier_for(self.device.type)
         self.stats["verifier"] = self.verifier
-        if self.verifier == "specdiff":
-            from . import patches
+        from . import patches
 
+        if self.verifier == "specdiff":
             patches.install_rejection_sampler(runner, specdiff_rejection_sampler_class())
+        patches.install_zero_draft_fast_path(runner, self.stats)
         logger.info("specdiff: verifying with %s rejection sampler (%s q)",
                     "the specdiff" if self.verifier == "specdiff" else "vLLM's",
                     "full" if self.config.use_full_draft_probs else "one-hot")
