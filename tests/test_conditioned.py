@@ -264,3 +264,49 @@ def test_last_token_feature_adds_the_last_revealed_token_of_the_same_block():
         assert torch.allclose(x[0, slot], expect, atol=1e-6), slot
     for slot in (0, 3, 4):
         assert torch.allclose(x[0, slot], emb[ids[0, slot]], atol=1e-6)
+
+
+def test_engine_state_projects_lazily_and_drafts_as_an_eager_cache():
+    """The vLLM-side state buffers observed target states and projects them only when a slot drafts
+    (or PENDING_LIMIT positions are waiting): its drafts, keys and values equal an eager cache's;
+    decode rows with drafts keep only the accepted ones; a restart drops what was pending."""
+    import numpy as np
+
+    from vllm_specdiff.vllm_plugin.conditioned import PENDING_LIMIT, ConditionedState
+
+    model = tiny_model(block_size=4).float()
+    drafter = draft_cache(model)
+    feats = features(length=PENDING_LIMIT + 40).float()
+    state = ConditionedState(drafter, 2, 256)
+
+    def observe(rows: torch.Tensor, start: int, drafts: int | None = None, accepted: int = 0):
+        n = rows.shape[0]
+        sampled = [[7] * (accepted + 1)]
+        state.observe(["a"], [], sampled, [rows[:, :8], rows[:, 8:]], np.array([0, n]),
+                      np.array([start + n]), None if drafts is None else [drafts])
+
+    observe(feats[:5], 0)  # prefill
+    slot = state.slot_of["a"]
+    assert state.cache.lengths[slot] == 0 and state.pending_len[slot] == 5
+    assert state.anchor_ready("a", 5) and not state.anchor_ready("a", 4)
+    for pos in range(5, 8):  # plain decode steps
+        observe(feats[pos:pos + 1], pos, drafts=0)
+    # A decode step with 3 drafts of which 1 was accepted: rows [last, d1, d2, d3], 2 valid.
+    observe(torch.cat([feats[8:10], torch.zeros(2, 16)]), 8, drafts=3, accepted=1)
+    assert state.cache.lengths[slot] == 0 and state.end(slot) == 10
+    eager = drafter.new_cache(1, 256)
+    eager.append([0], [feats[:10]])
+    lazy_out = state.draft(["a"], [3], torch.zeros(1), None, "argmax")
+    eager_out = drafter.draft(eager, [0], torch.tensor([3]), torch.zeros(1))
+    assert torch.equal(lazy_out.token_ids, eager_out.token_ids)
+    assert state.cache.lengths[slot] == 10 and not state.pending_len
+    assert torch.allclose(state.cache.k[:, slot, :, :10], eager.k[:, 0, :, :10], atol=1e-6)
+    # A long chunk is projected at once (the buffers stay bounded without drafts).
+    observe(feats[10:10 + PENDING_LIMIT], 10, drafts=0)
+    assert state.cache.lengths[slot] == 10 + PENDING_LIMIT and not state.pending_len
+    observe(feats[10 + PENDING_LIMIT:12 + PENDING_LIMIT], 10 + PENDING_LIMIT, drafts=0)
+    assert state.pending_len[slot] == 2
+    observe(feats[:3], 0)  # preempted and recomputed from the start: the slot restarts
+    assert state.cache.lengths[slot] == 0 and state.pending_len[slot] == 3 and state.end(slot) == 3
+    state.release("a")
+    assert not state.pending and not state.slot_of
