@@ -33,6 +33,28 @@ def test_drafts_fully_when_acceptance_is_high_and_drafting_is_cheap():
     assert policy.allocate(["a", "b"]) == [4, 0]
 
 
+def test_drafting_must_beat_no_drafts_by_min_gain():
+    """One draft token accepted with rate a in a step that costs r times a plain one: throughput
+    ratio (1 + a) / r. A predicted +2% is not worth drafting's risk (it is without the margin);
+    +15% is."""
+    def choice(gain: float, min_gain: float) -> int:
+        policy = AdaptiveDraftLength(max_draft_tokens=1, explore_every=0, prior_weight=1e-6,
+                                     min_gain=min_gain)
+        for i in range(40):  # drafting steps ~10% dearer
+            policy.record_step(1, i % 2, 0.05 * (1.1 if i % 2 else 1.0))
+        ratio = policy.step_time(1, 1) / policy.step_time(1, 0)
+        assert 1.05 < ratio < 1.2
+        rate = ratio * (1 + gain) - 1
+        policy._counts["a"] = np.array([0.0, 0.0, rate * 1e6, 1e6])  # drafter tokens: rate
+        assert policy.acceptance("a")[1] == pytest.approx(rate, abs=1e-3)
+        return policy.allocate(["a"])[0]
+
+    assert choice(0.02, 0.05) == 0 and choice(0.02, 0.0) == 1
+    assert choice(0.15, 0.05) == 1
+    with pytest.raises(ValueError, match="min_gain"):
+        AdaptiveDraftLength(max_draft_tokens=1, min_gain=1.5)
+
+
 def test_draft_length_follows_the_cost_of_a_draft_token():
     rates = {}
     for cost in (0.001, 0.02):
@@ -120,7 +142,28 @@ def test_prompt_lookup_finds_the_latest_longest_match():
     # Suffix (1, 2, 3): latest earlier occurrence is followed by 4, 7, ...
     assert prompt_lookup(tokens, len(tokens), 3) == [4, 7, 1]
     assert prompt_lookup(tokens, len(tokens), 1) == [4]
+    # The longest suffix n-gram wins over later shorter ones: (8, 1, 2) before (1, 2).
+    assert prompt_lookup(np.array([8, 1, 2, 5, 1, 2, 6, 8, 1, 2]), 10, 2) == [5, 1]
+    assert prompt_lookup(np.array([3, 1, 2, 3, 1, 2, 3]), 7, 2) == [1, 2]  # overlapping matches
     assert prompt_lookup(np.array([1, 2, 3, 4]), 4, 3) == []
     assert prompt_lookup(tokens, 10, 2) == []  # suffix (3, 4) never occurred before
     # Only tokens before num_tokens are read.
     assert prompt_lookup(np.array([1, 2, 8, 1, 2, 0, 0]), 5, 3) == [8, 1, 2]
+
+
+def test_prompt_lookup_equals_a_brute_force_search():
+    def brute(context, num_tokens, max_new, min_n=2, max_n=4):
+        context = list(context[:num_tokens])
+        for n in range(min(max_n, num_tokens - 1), min_n - 1, -1):
+            for end in range(num_tokens - 2, n - 2, -1):  # latest occurrence first
+                if context[end - n + 1:end + 1] == context[num_tokens - n:]:
+                    return context[end + 1:end + 1 + max_new]
+        return []
+
+    gen = np.random.default_rng(0)
+    for trial in range(400):
+        tokens = gen.integers(0, 3 + trial % 5, size=int(gen.integers(1, 40)))
+        for num_tokens in {len(tokens), max(1, len(tokens) // 2)}:
+            for max_new in (1, 4):
+                assert prompt_lookup(tokens, num_tokens, max_new) == \
+                    brute(tokens, num_tokens, max_new), (tokens.tolist(), num_tokens, max_new)

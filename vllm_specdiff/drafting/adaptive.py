@@ -14,7 +14,9 @@ DSpark's confidence-scheduled verification):
   step whose drafts are all lookup tokens does not run the drafter (ngram's cost);
 - allocation is greedy in marginal value: block positions sorted by value are added while the
   throughput sum_i E_i / time increases, once with lookup positions only and once with all; the
-  best of those and of drafting nothing wins.
+  best of those and of drafting nothing wins, where drafting must beat drafting nothing by
+  `min_gain` (default 5%): at break-even, estimation noise and the variance of drafting steps
+  make speculation a measured loss (seen at temperature 1, batch 1, on this CPU).
 Exploration: at exploration steps every request gets its lookup tokens plus one drafter token, so
 the estimates of requests and costs that fell to zero drafts keep being refreshed. The interval
 starts at `explore_every` and doubles (up to `max_explore_every`) while drafting keeps not paying,
@@ -47,6 +49,7 @@ class AdaptiveDraftLength:
     prior_token_cost: float = 0.15
     prior_draft_cost: float = 0.5
     timed: bool = True  # False: never fit wall times (deterministic decisions across ranks)
+    min_gain: float = 0.05  # predicted throughput gain a drafting allocation needs over none
     _counts: dict[str, np.ndarray] = field(default_factory=dict)
     _kind: dict[str, int] = field(default_factory=dict)  # 0 greedy, 1 sampled
     _pool: np.ndarray = field(default_factory=lambda: np.zeros((2, 4)))
@@ -61,6 +64,8 @@ class AdaptiveDraftLength:
             raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
         if not 0 < self.prior_accept < 1:
             raise ValueError(f"prior_accept must be in (0, 1), got {self.prior_accept}")
+        if not 0 <= self.min_gain < 1:
+            raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
         self._interval = self.explore_every
         self._next_explore = self.explore_every if self.explore_every > 0 else np.inf
 
@@ -169,7 +174,7 @@ class AdaptiveDraftLength:
         rates = np.array([self.acceptance(r) for r in req_ids]).reshape(n, 2)
         is_lookup = np.arange(k)[None, :] < lookup[:, None]  # [n, k]
         values = np.cumprod(np.where(is_lookup, rates[:, :1], rates[:, 1:]), axis=1)
-        best = (n / self.step_time(n, 0, False), np.zeros(n, dtype=np.int64))
+        best = (n / self.step_time(n, 0, False) * (1 + self.min_gain), np.zeros(n, dtype=np.int64))
         for only_lookup in (True, False):
             best = self._sweep(values, is_lookup, only_lookup, best)
         alloc = best[1]
