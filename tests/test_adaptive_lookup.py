@@ -167,3 +167,25 @@ def test_prompt_lookup_equals_a_brute_force_search():
             for max_new in (1, 4):
                 assert prompt_lookup(tokens, num_tokens, max_new) == \
                     brute(tokens, num_tokens, max_new), (tokens.tolist(), num_tokens, max_new)
+
+
+def test_drafter_cost_grows_with_the_rows_it_drafts():
+    """The drafter's own timed calls give its cost per row: drafting that pays for one request
+    does not pay for sixteen when each row costs the drafter as much as the step saves."""
+    policy = AdaptiveDraftLength(max_draft_tokens=1, explore_every=0)
+    for i in range(60):  # batches of 1 and 16, with and without one draft token per row
+        rows, drafting = (1, 16)[i % 2], (i // 2) % 2
+        drafter = (0.002 + 0.006 * rows) * drafting
+        if drafting:
+            policy.record_drafter(rows, drafter)
+        policy.record_step(rows, drafting * rows, 0.05 + 0.002 * (1 + drafting) * rows + drafter,
+                           drafter_ran=bool(drafting), drafter_seconds=drafter)
+    d0, d1 = policy.drafter_coefficients()
+    assert d0 == pytest.approx(0.002, abs=1e-3) and d1 == pytest.approx(0.006, rel=0.1)
+    assert policy.step_time(16, 16, True, 16) - policy.step_time(16, 16, True, 1) == \
+        pytest.approx(15 * 0.006, rel=0.1)
+    for req in [f"r{i}" for i in range(16)]:
+        policy._counts[req] = np.array([0.0, 0.0, 0.5e6, 1e6])  # each draft token: 50% accepted
+    assert policy.allocate(["r0"]) == [1]
+    assert policy.allocate([f"r{i}" for i in range(16)]) == [0] * 16
+

@@ -8,10 +8,13 @@ DSpark's confidence-scheduled verification):
   counts, whose prior is the pooled rate of all recent requests of the same kind, greedy or
   sampled, so a short request is not drafted for on a blind guess), so the j-th token of its block
   adds prod_{l <= j} a_il expected tokens to the step;
-- a step costs  time = c_base + c_token * (num_reqs + K) + c_draft * [the drafter runs],
-  K = total draft tokens, fitted online by least squares from the measured wall time of the
-  engine's steps (with a prior from the first steps, so the policy works before it has data). A
-  step whose drafts are all lookup tokens does not run the drafter (ngram's cost);
+- a step costs  time = c_base + c_token * (num_reqs + K) + c_draft * [the drafter runs]
+  + drafter(R), K = total draft tokens, R = rows the drafter drafts for. drafter(R) = d_0 + d_1 R
+  is fitted from the drafter's own measured calls (its cost grows with the rows it drafts: a
+  constant fitted at batch 1 under-prices batch 16); the rest by least squares from the measured
+  wall time of the engine's steps less their drafter time (with a prior from the first steps, so
+  the policy works before it has data). A step whose drafts are all lookup tokens does not run the
+  drafter (ngram's cost);
 - allocation is greedy in marginal value: block positions sorted by value are added while the
   throughput sum_i E_i / time increases, once with lookup positions only and once with all; the
   best of those and of drafting nothing wins, where drafting must beat drafting nothing by
@@ -54,10 +57,12 @@ class AdaptiveDraftLength:
     _kind: dict[str, int] = field(default_factory=dict)  # 0 greedy, 1 sampled
     _pool: np.ndarray = field(default_factory=lambda: np.zeros((2, 4)))
     _steps: deque = field(default_factory=deque)
+    _drafts: deque = field(default_factory=deque)  # (rows, seconds) of the drafter's calls
     _step: int = 0
     _interval: int = 0
     _next_explore: int = 0
     _coef: np.ndarray | None = None
+    _dcoef: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:
@@ -92,12 +97,23 @@ class AdaptiveDraftLength:
         self._counts.pop(req_id, None)
         self._kind.pop(req_id, None)
 
+    def record_drafter(self, rows: int, seconds: float) -> None:
+        """Wall time of one drafter call that drafted for `rows` requests."""
+        if not self.timed or rows <= 0 or seconds <= 0:
+            return
+        self._drafts.append((float(rows), float(seconds)))
+        while len(self._drafts) > self.history:
+            self._drafts.popleft()
+        self._dcoef = None
+
     def record_step(self, num_reqs: int, num_draft_tokens: int, seconds: float,
-                    drafter_ran: bool | None = None) -> None:
+                    drafter_ran: bool | None = None, drafter_seconds: float = 0.0) -> None:
         """Wall time of one engine step with `num_draft_tokens` drafts in total; `drafter_ran`
-        (default: any drafts) says whether the drafter model ran for them."""
+        (default: any drafts) says whether the drafter model ran for them, `drafter_seconds` how
+        long it took (recorded apart with record_drafter; taken out of the step's time here)."""
         if not self.timed or num_reqs <= 0 or seconds <= 0:
             return
+        seconds = max(seconds - drafter_seconds, 1e-6)
         ran = bool(num_draft_tokens) if drafter_ran is None else bool(drafter_ran)
         if len(self._steps) >= self.min_fit_steps and \
                 seconds > 20 * self.step_time(num_reqs, num_draft_tokens, ran):
@@ -151,10 +167,36 @@ class AdaptiveDraftLength:
         self._coef = coef
         return coef
 
-    def step_time(self, num_reqs: int, num_draft_tokens: int, drafter_runs: bool | None = None) -> float:
+    def drafter_coefficients(self) -> np.ndarray:
+        """(d_0, d_1): a drafter call for R rows takes d_0 + d_1 R seconds; (0, 0) before any
+        call was timed (the step fit's c_draft then holds the drafter's cost)."""
+        if self._dcoef is not None:
+            return self._dcoef
+        rows = np.array(self._drafts, dtype=np.float64).reshape(-1, 2)
+        coef = np.zeros(2)
+        if len(rows):
+            # Ridge towards "all of it per row": one batch size seen says nothing about d_0.
+            per_row = float(rows[:, 1].sum() / rows[:, 0].sum())
+            design = np.stack([np.ones(len(rows)), rows[:, 0]], 1)
+            lam = 1e-2 * len(rows)
+            prior = np.array([0.0, per_row])
+            coef = np.linalg.solve(design.T @ design + lam * np.eye(2),
+                                   design.T @ rows[:, 1] + lam * prior)
+            coef = np.maximum(coef, 0.0)
+        self._dcoef = coef
+        return coef
+
+    def step_time(self, num_reqs: int, num_draft_tokens: int, drafter_runs: bool | None = None,
+                  drafter_rows: int | None = None) -> float:
+        """Predicted seconds of a step; the drafter drafts for `drafter_rows` requests (default:
+        all of them when it runs)."""
         base, token, draft = self.cost_coefficients()
         runs = bool(num_draft_tokens) if drafter_runs is None else drafter_runs
-        return base + token * (num_reqs + num_draft_tokens) + (draft if runs else 0.0)
+        time = base + token * (num_reqs + num_draft_tokens)
+        if runs:
+            d0, d1 = self.drafter_coefficients()
+            time += draft + d0 + d1 * (num_reqs if drafter_rows is None else drafter_rows)
+        return time
 
     # ---- decision ----
     def allocate(self, req_ids: Sequence[str], lookup_lengths: Sequence[int] | None = None,
@@ -193,11 +235,14 @@ class AdaptiveDraftLength:
         allowed = np.flatnonzero(is_lookup.reshape(-1)) if only_lookup else np.arange(values.size)
         order = allowed[np.argsort(-values.reshape(-1)[allowed], kind="stable")]
         best_value, best_count = best[0], -1
-        gained, model = float(n), False
+        gained, model_rows = float(n), np.zeros(n, dtype=bool)
+        width = values.shape[1]
         for count, flat in enumerate(order, start=1):
             gained += float(values.flat[flat])
-            model = model or not bool(is_lookup.flat[flat])
-            value = gained / self.step_time(n, count, model)
+            if not is_lookup.flat[flat]:
+                model_rows[int(flat) // width] = True
+            rows = int(model_rows.sum())
+            value = gained / self.step_time(n, count, rows > 0, rows)
             if value > best_value:
                 best_value, best_count = value, count
         if best_count < 0:

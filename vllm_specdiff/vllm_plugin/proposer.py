@@ -88,6 +88,7 @@ class SpecDiffProposer:
         # The last propose(): whether the drafter model ran, and per request how many leading draft
         # tokens came from prompt lookup (adaptive drafting learns both sources apart).
         self._drafter_ran = False
+        self._drafter_seconds = 0.0
         self._lookup_used: dict[str, int] = {}
         self._window_tail = 0
         self._step = 0
@@ -166,7 +167,8 @@ class SpecDiffProposer:
             total = int(sum(num_drafts)) if num_drafts is not None else 0
             if self._last_step_time is not None:
                 self.adaptive.record_step(len(req_ids), total, now - self._last_step_time,
-                                          drafter_ran=self._drafter_ran)
+                                          drafter_ran=self._drafter_ran,
+                                          drafter_seconds=self._drafter_seconds)
             self._last_step_time = now
             for req_id in finished:
                 self.adaptive.forget(req_id)
@@ -238,7 +240,7 @@ class SpecDiffProposer:
                 if sampled and 0 < int(num_tokens_no_spec[row]) < self.max_model_len]
         temperature, self._row_temperature = self._row_temperature, None
         generators, self._row_generators = self._row_generators, {}
-        self._drafter_ran, self._lookup_used = False, {}
+        self._drafter_ran, self._drafter_seconds, self._lookup_used = False, 0.0, {}
         if not rows or self.drafter is None:
             return drafts
         found: dict[int, list[int]] = {}
@@ -421,6 +423,9 @@ class SpecDiffProposer:
         return row_generators
 
     def _record(self, num_rows: int, elapsed: float) -> None:
+        self._drafter_seconds = elapsed
+        if self.adaptive is not None:
+            self.adaptive.record_drafter(num_rows, elapsed)
         stats = self.stats
         stats["steps"] += 1
         stats["drafted_rows"] += num_rows
