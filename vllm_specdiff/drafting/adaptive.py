@@ -235,13 +235,13 @@ class AdaptiveDraftLength:
         allowed = np.flatnonzero(is_lookup.reshape(-1)) if only_lookup else np.arange(values.size)
         order = allowed[np.argsort(-values.reshape(-1)[allowed], kind="stable")]
         best_value, best_count = best[0], -1
-        gained, model_rows = float(n), np.zeros(n, dtype=bool)
+        gained, model_rows, rows = float(n), np.zeros(n, dtype=bool), 0
         width = values.shape[1]
         for count, flat in enumerate(order, start=1):
             gained += float(values.flat[flat])
-            if not is_lookup.flat[flat]:
-                model_rows[int(flat) // width] = True
-            rows = int(model_rows.sum())
+            row = int(flat) // width
+            if not is_lookup.flat[flat] and not model_rows[row]:
+                model_rows[row], rows = True, rows + 1
             value = gained / self.step_time(n, count, rows > 0, rows)
             if value > best_value:
                 best_value, best_count = value, count
