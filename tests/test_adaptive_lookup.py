@@ -189,3 +189,89 @@ def test_drafter_cost_grows_with_the_rows_it_drafts():
     assert policy.allocate(["r0"]) == [1]
     assert policy.allocate([f"r{i}" for i in range(16)]) == [0] * 16
 
+
+
+def test_exploration_spends_at_most_one_plain_step_on_the_drafter():
+    """Exploring runs the drafter for the rows with the least evidence, as many as one plain
+    step's time pays for (a 16-row SEDD call cost ~5 plain steps at batch 16); before any drafter
+    call was timed the first exploration covers every row."""
+    reqs = [f"r{i}" for i in range(16)]
+    policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=4, max_explore_every=4)
+    for req in reqs:
+        policy.record_acceptance(req, drafted=4, accepted=0)
+    first = [a for a in (policy.allocate(reqs) for _ in range(4)) if any(a)]
+    assert first == [[1] * 16]
+
+    policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=4, max_explore_every=4)
+    for i in range(40):  # plain step 0.1 s at batch 16; the drafter 0.03 s per row it drafts
+        rows = 16 * (i % 2)
+        if rows:
+            policy.record_drafter(rows, 0.03 * rows)
+        policy.record_step(16, rows, 0.1 + 0.001 * rows + 0.03 * rows, drafter_ran=bool(rows),
+                           drafter_seconds=0.03 * rows)
+    for i, req in enumerate(reqs):  # r0..r7: much evidence, r8..r15: little; none accepts
+        for _ in range(40 if i < 8 else 1):
+            policy.record_acceptance(req, drafted=4, accepted=0)
+    budget = policy.step_time(16, 0, False)
+    explored: list[str] = []
+    for _ in range(40):
+        alloc = policy.allocate(reqs)
+        rows = [req for req, a in zip(reqs, alloc) if a]
+        if not rows:
+            continue
+        assert alloc == [1 if a else 0 for a in alloc]
+        assert policy.step_time(16, 0, True, len(rows)) - budget <= budget
+        assert 1 <= len(rows) < 16
+        explored += rows
+        for req in rows:
+            policy.record_acceptance(req, drafted=1, accepted=0)
+    assert len(explored) >= 12
+    # Least evidence first: the first three explorations (3 rows each: 0.1 s / 0.03 s) cover every
+    # little-evidence request and no well-known one.
+    assert set(explored[:9]) == set(reqs[8:])
+
+
+def _allocate_one_by_one(policy: AdaptiveDraftLength, req_ids, lookup) -> list[int]:
+    """The allocation rule written as its definition: add block positions in order of value while
+    the predicted throughput improves; best of lookup-only, all positions and nothing."""
+    n, k = len(req_ids), policy.max_draft_tokens
+    lookup = np.minimum(np.asarray(lookup), k)
+    rates = np.array([policy.acceptance(r) for r in req_ids])
+    is_lookup = np.arange(k)[None, :] < lookup[:, None]
+    values = np.cumprod(np.where(is_lookup, rates[:, :1], rates[:, 1:]), axis=1)
+    best_value, best = n / policy.step_time(n, 0, False) * (1 + policy.min_gain), [0] * n
+    for only_lookup in (True, False):
+        positions = [(i, j) for i in range(n) for j in range(k) if is_lookup[i, j] or not only_lookup]
+        positions.sort(key=lambda p: -values[p])  # stable: ties keep row-major order
+        gained, model_rows, chosen = float(n), set(), []
+        for i, j in positions:
+            gained += values[i, j]
+            if not is_lookup[i, j]:
+                model_rows.add(i)
+            chosen.append(i)
+            value = gained / policy.step_time(n, len(chosen), bool(model_rows), len(model_rows))
+            if value > best_value:
+                best_value, best = value, np.bincount(chosen, minlength=n).tolist()
+    return best
+
+
+def test_allocation_equals_adding_positions_one_by_one():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        k, n = int(rng.integers(1, 9)), int(rng.integers(1, 17))
+        policy = AdaptiveDraftLength(max_draft_tokens=k, explore_every=0)
+        token, drafter = rng.uniform(0.0005, 0.02), rng.uniform(0.0, 0.05)
+        for i in range(30):
+            rows, drafts = int(rng.integers(1, 17)), int(rng.integers(0, 2 * k))
+            ran = bool(drafts) and bool(rng.integers(0, 2))
+            seconds = drafter * rows / 8 if ran else 0.0
+            if ran:
+                policy.record_drafter(rows, seconds)
+            policy.record_step(rows, drafts, 0.05 + token * (rows + drafts) + seconds,
+                               drafter_ran=ran, drafter_seconds=seconds)
+        reqs = [f"r{i}" for i in range(n)]
+        for req in reqs:
+            policy._counts[req] = np.array([*sorted(rng.uniform(0, 50, 2)),
+                                            *sorted(rng.uniform(0, 50, 2))])
+        lookup = rng.integers(0, k + 1, n)
+        assert policy.allocate(reqs, lookup) == _allocate_one_by_one(policy, reqs, lookup), trial

@@ -475,8 +475,11 @@ def greedy_drafter(tiny_drafter, tiny_target, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def specdiff_llm(tiny_target, greedy_drafter, plain_greedy_outputs):
-    # plain_greedy_outputs first: that engine is shut down before this one starts.
-    llm = make_llm(tiny_target, specdiff_config(greedy_drafter, log_every=50))
+    # plain_greedy_outputs first: that engine is shut down before this one starts. Adaptive
+    # drafting off: every step drafts, so accepted and rejected drafts are both plentiful (with it
+    # on, this drafter, accepting ~1 in 10, is dropped after a few steps and ~1 token is accepted;
+    # the law tests below and tests/test_vllm_conditioned.py run adaptive engines).
+    llm = make_llm(tiny_target, specdiff_config(greedy_drafter, log_every=50, adaptive=False))
     yield llm
     shutdown(llm)
 
@@ -502,7 +505,7 @@ class TestGreedy:
         drafts = after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0)
         accepted = (after["vllm:spec_decode_num_accepted_tokens"]
                     - before.get("vllm:spec_decode_num_accepted_tokens", 0))
-        assert drafts > 0 and accepted > 0, after
+        assert drafts > 0 and accepted >= 10, after
         stats = proposer_stats(specdiff_llm)
         assert stats["steps"] > 0 and stats["draft_seconds"] > 0 and stats["failures"] == 0
         assert rejection_sampler_name(specdiff_llm) == "SpecDiffRejectionSampler"
