@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dflash", default=None,
                         help="DFlash-format drafter for vLLM's dflash (default: the shipped one)")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--engines", default=None,
+                        help="only these engine kinds, comma-separated (none, ngram, draft_model, "
+                             "dflash, sedd, conditioned); default: all. A partial run is a "
+                             "diagnosis, not the comparison: best-peer ratios cover the peers run")
     parser.add_argument("--out", default="benchmarks/results/peers.jsonl")
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.min_prompts is not None and args.min_prompts < 1):
@@ -79,6 +83,13 @@ def main(argv=None) -> int:
                                   num_draft_tokens=args.k, num_steps=steps,
                                   options=specdiff_options + (("lookup", args.lookup),)))
     engines.append(EngineSpec("none"))  # the baseline again: its spread bounds the noise
+    if args.engines:
+        kinds = set(args.engines.split(","))
+        unknown = kinds - {spec.kind for spec in engines}
+        if unknown:
+            parser.error(f"--engines: unknown kind(s) {sorted(unknown)}; choose from "
+                         f"{sorted({spec.kind for spec in engines})}")
+        engines = [spec for spec in engines if spec.kind in kinds]
     results, t0 = [], time.time()
     runs: dict[int, list[list[dict]]] = {}
     for round_index in range(args.rounds):
