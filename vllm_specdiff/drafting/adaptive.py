@@ -8,13 +8,17 @@ DSpark's confidence-scheduled verification):
   counts, whose prior is the pooled rate of all recent requests of the same kind, greedy or
   sampled, so a short request is not drafted for on a blind guess), so the j-th token of its block
   adds prod_{l <= j} a_il expected tokens to the step;
-- a step costs  time = c_base + c_token * (num_reqs + K) + c_draft * [the drafter runs]
-  + drafter(R), K = total draft tokens, R = rows the drafter drafts for. drafter(R) = d_0 + d_1 R
-  is fitted from the drafter's own measured calls (its cost grows with the rows it drafts: a
-  constant fitted at batch 1 under-prices batch 16); the rest by least squares from the measured
-  wall time of the engine's steps less their drafter time (with a prior from the first steps, so
-  the policy works before it has data). A step whose drafts are all lookup tokens does not run the
-  drafter (ngram's cost);
+- a step costs  time = f(num_reqs + K) + c_draft * [the drafter runs] + drafter(R), K = total
+  draft tokens, R = rows the drafter drafts for. f, the target's cost of a step that computes T
+  tokens, is piecewise linear in T with knots at powers of sqrt(2): on this CPU it is memory-bound
+  below ~16 tokens and compute-bound above (measured medians 55 ms at 1 token, 67 at 10, 82 at
+  16, 152 at 31), so a draft token costs ~1 ms at batch 1 and ~4.5 ms at batch 16, and one
+  straight line through both prices batch 16 at 2/3 of its cost. f and c_draft are fitted by
+  least squares to the measured wall time of the engine's decode steps less their drafter time,
+  with a penalty on bends of f (so it extends linearly where no step was seen) and a weak prior
+  from the first steps (so the policy works before it has data). drafter(R) = d_0 + d_1 R is
+  fitted from the drafter's own measured calls (its cost grows with the rows it drafts). A step
+  whose drafts are all lookup tokens does not run the drafter (ngram's cost);
 - allocation is greedy in marginal value: block positions sorted by value are added while the
   throughput sum_i E_i / time increases, once with lookup positions only and once with all; the
   best of those and of drafting nothing wins, where drafting must beat drafting nothing by
@@ -64,7 +68,7 @@ class AdaptiveDraftLength:
     _step: int = 0
     _interval: int = 0
     _next_explore: int = 0
-    _coef: np.ndarray | None = None
+    _coef: tuple[np.ndarray, np.ndarray, float] | None = None
     _dcoef: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -146,29 +150,53 @@ class AdaptiveDraftLength:
             rates.append(min(max(float(rate), 0.0), 0.999))
         return rates[0], rates[1]
 
-    def cost_coefficients(self) -> np.ndarray:
-        """(c_base, c_token, c_draft) in seconds; a least-squares fit over the timed steps once steps
-        with and without the drafter were seen, else the prior scaled by the mean plain step."""
+    def cost_model(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(knots, f at the knots, c_draft), seconds: f(T) is the step time for T computed tokens,
+        linear between the knots (powers of sqrt(2)); the prior (a plain step of one request as the
+        unit, `prior_token_cost` units per token, `prior_draft_cost` for the drafter) until
+        `min_fit_steps` steps were timed, then a least-squares fit to them."""
         if self._coef is not None:
             return self._coef
         rows = np.array(self._steps, dtype=np.float64).reshape(-1, 4)
+        tokens = rows[:, 0] + rows[:, 1]
         plain = rows[rows[:, 1] == 0]
         unit = float(np.median(plain[:, 3] / (1 + self.prior_token_cost * plain[:, 0]))) if len(plain) \
-            else (float(np.median(rows[:, 3])) if len(rows) else 1.0)
-        prior = np.array([unit, unit * self.prior_token_cost, unit * self.prior_draft_cost])
-        coef = prior
-        ran = rows[:, 2] > 0
-        if len(rows) >= self.min_fit_steps and ran.any() and (~ran).any():
-            design = np.stack([np.ones(len(rows)), rows[:, 0] + rows[:, 1], rows[:, 2]], 1)
-            # Ridge towards the prior keeps the fit sane with few distinct batch shapes.
-            lam = 1e-2 * len(rows)
-            lhs = design.T @ design + lam * np.eye(3)
-            rhs = design.T @ rows[:, 3] + lam * prior
+            else (float(np.median(rows[:, 3] / (1 + self.prior_token_cost * tokens))) if len(rows) else 1.0)
+        top = max(float(tokens.max()) if len(rows) else 1.0, 2.0)
+        knots = 2.0 ** (np.arange(int(np.ceil(2 * np.log2(top))) + 1) / 2)
+        prior = np.append(unit * (1 + self.prior_token_cost * knots), unit * self.prior_draft_cost)
+        fit = prior
+        if len(rows) >= self.min_fit_steps:
+            m = len(knots)
+            design = np.zeros((len(rows), m + 1))
+            design[:, :m] = _hat_basis(tokens, knots)
+            design[:, m] = rows[:, 2]
+            # Bends of f: each inner knot's distance from the line through its neighbours.
+            left, right = knots[1:-1] - knots[:-2], knots[2:] - knots[1:-1]
+            bend = np.zeros((max(m - 2, 0), m + 1))
+            for i in range(m - 2):
+                bend[i, i:i + 3] = (-right[i] / (left[i] + right[i]), 1.0,
+                                    -left[i] / (left[i] + right[i]))
+            lam_bend, lam_prior = 1e-3 * len(rows), 1e-4 * len(rows)
+            lhs = design.T @ design + lam_bend * bend.T @ bend + lam_prior * np.eye(m + 1)
+            rhs = design.T @ rows[:, 3] + lam_prior * prior
             fit = np.linalg.solve(lhs, rhs)
-            coef = np.maximum(fit, 0.0)
-            coef[0] = max(coef[0], 1e-6)
-        self._coef = coef
-        return coef
+            fit[:m] = np.maximum.accumulate(np.maximum(fit[:m], 1e-6))  # more tokens never cost less
+            # c_draft again for that f: where every drafting step ran the drafter, the split between
+            # f and c_draft is the prior's, and raising f must not price those steps twice.
+            ran = rows[:, 2] > 0
+            resid = rows[ran, 3] - design[ran, :m] @ fit[:m]
+            fit[m] = max((resid.sum() + lam_prior * prior[m]) / (ran.sum() + lam_prior), 0.0)
+        self._coef = (knots, fit[:-1], float(fit[-1]))
+        return self._coef
+
+    def token_time(self, tokens: np.ndarray | float) -> np.ndarray | float:
+        """f(T): predicted seconds of a step that computes `tokens` tokens, without the drafter."""
+        knots, values, _ = self.cost_model()
+        slope = (values[-1] - values[-2]) / (knots[-1] - knots[-2])
+        tokens = np.asarray(tokens, dtype=np.float64)
+        time = np.interp(tokens, knots, values) + slope * np.maximum(tokens - knots[-1], 0.0)
+        return time if time.ndim else float(time)
 
     def drafter_coefficients(self) -> np.ndarray:
         """(d_0, d_1): a drafter call for R rows takes d_0 + d_1 R seconds; (0, 0) before any
@@ -193,12 +221,11 @@ class AdaptiveDraftLength:
                   drafter_rows: int | None = None) -> float:
         """Predicted seconds of a step; the drafter drafts for `drafter_rows` requests (default:
         all of them when it runs)."""
-        base, token, draft = self.cost_coefficients()
         runs = bool(num_draft_tokens) if drafter_runs is None else drafter_runs
-        time = base + token * (num_reqs + num_draft_tokens)
+        time = self.token_time(num_reqs + num_draft_tokens)
         if runs:
             d0, d1 = self.drafter_coefficients()
-            time += draft + d0 + d1 * (num_reqs if drafter_rows is None else drafter_rows)
+            time += self.cost_model()[2] + d0 + d1 * (num_reqs if drafter_rows is None else drafter_rows)
         return time
 
     # ---- decision ----
@@ -270,9 +297,9 @@ class AdaptiveDraftLength:
             _, where = np.unique(order[model] // width, return_index=True)
             first[model[where]] = 1.0
         rows = np.cumsum(first)
-        base, token, draft = self.cost_coefficients()
+        draft = self.cost_model()[2]
         d0, d1 = self.drafter_coefficients()
-        time = base + token * (n + np.arange(1, len(order) + 1))
+        time = self.token_time(n + np.arange(1, len(order) + 1))
         time = np.where(rows > 0, time + (draft + d0 + d1 * rows), time)
         value = gained / time
         count = int(np.argmax(value))  # the first of equal maxima, as adding one by one would
@@ -281,3 +308,14 @@ class AdaptiveDraftLength:
         # Values fall along each row (products of rates < 1), so the chosen positions are prefixes.
         alloc = np.bincount(order[:count + 1] // width, minlength=n).astype(np.int64)
         return float(value[count]), alloc
+
+
+def _hat_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """[len(x), len(knots)]: weights that interpolate linearly between the knots (x within them)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), knots[0], knots[-1])
+    hi = np.clip(np.searchsorted(knots, x, side="right"), 1, len(knots) - 1)
+    frac = (x - knots[hi - 1]) / (knots[hi] - knots[hi - 1])
+    basis = np.zeros((len(x), len(knots)))
+    basis[np.arange(len(x)), hi - 1] = 1.0 - frac
+    basis[np.arange(len(x)), hi] = frac
+    return basis

@@ -165,7 +165,11 @@ class SpecDiffProposer:
         if self.adaptive is not None:
             now = time.perf_counter()
             total = int(sum(num_drafts)) if num_drafts is not None else 0
-            if self._last_step_time is not None:
+            # A step that also prefills (a new prompt: ~1 s at batch 16 here) is not a decode step
+            # of its batch size and would price drafting as free or ruinous; it is not recorded.
+            scheduled = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+            decode_only = scheduled <= len(req_ids) + total
+            if self._last_step_time is not None and decode_only:
                 self.adaptive.record_step(len(req_ids), total, now - self._last_step_time,
                                           drafter_ran=self._drafter_ran,
                                           drafter_seconds=self._drafter_seconds)
