@@ -16,7 +16,14 @@ DSpark's confidence-scheduled verification):
   straight line through both prices batch 16 at 2/3 of its cost. f and c_draft are fitted by
   least squares to the measured wall time of the engine's decode steps less their drafter time,
   with a penalty on bends of f (so it extends linearly where no step was seen) and a weak prior
-  from the first steps (so the policy works before it has data). drafter(R) = d_0 + d_1 R is
+  from the first steps (so the policy works before it has data). Recent steps weigh most
+  (half-life `half_life` steps): the host's speed drifts (the same 16-token step took 70 and
+  107 ms seconds apart here), and drafting must be priced against steps timed at the same moment.
+  For the same reason a controller that drafts keeps timing steps without drafts: when none with
+  n/2 to 2n requests is among the last `probe_every` timed steps, the step drafts nothing (a cost
+  probe; at most one in `probe_every`). Without probes, batch 16 at temperature 0 drafted lookup
+  tokens in nearly every step, f(16) was extrapolated from ~22-token steps, six draft tokens were
+  priced at ~0 ms (measured ~5 ms each) and the engine ran at 0.85x of no speculation. drafter(R) = d_0 + d_1 R is
   fitted from the drafter's own measured calls (its cost grows with the rows it drafts). A step
   whose drafts are all lookup tokens does not run the drafter (ngram's cost);
 - allocation is greedy in marginal value: block positions sorted by value are added while the
@@ -60,6 +67,8 @@ class AdaptiveDraftLength:
     prior_draft_cost: float = 0.5
     timed: bool = True  # False: never fit wall times (deterministic decisions across ranks)
     min_gain: float = 0.05  # predicted throughput gain a drafting allocation needs over none
+    probe_every: int = 16  # while drafting: a step without drafts at most this often (cost probes)
+    half_life: float = 32.0  # steps: the cost fit weighs a step by 2^(-age / half_life); 0: equally
     _counts: dict[str, np.ndarray] = field(default_factory=dict)
     _kind: dict[str, int] = field(default_factory=dict)  # 0 greedy, 1 sampled
     _pool: np.ndarray = field(default_factory=lambda: np.zeros((2, 4)))
@@ -70,6 +79,7 @@ class AdaptiveDraftLength:
     _next_explore: int = 0
     _coef: tuple[np.ndarray, np.ndarray, float] | None = None
     _dcoef: np.ndarray | None = None
+    _last_probe: float = -np.inf
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:
@@ -167,6 +177,10 @@ class AdaptiveDraftLength:
         prior = np.append(unit * (1 + self.prior_token_cost * knots), unit * self.prior_draft_cost)
         fit = prior
         if len(rows) >= self.min_fit_steps:
+            # Recent steps count most: the host's speed drifts by 20-40% within seconds here, and
+            # steps with and without drafts must be compared at the same moment.
+            age = np.arange(len(rows))[::-1]
+            weight = 0.5 ** (age / self.half_life) if self.half_life > 0 else np.ones(len(rows))
             m = len(knots)
             design = np.zeros((len(rows), m + 1))
             design[:, :m] = _hat_basis(tokens, knots)
@@ -177,16 +191,17 @@ class AdaptiveDraftLength:
             for i in range(m - 2):
                 bend[i, i:i + 3] = (-right[i] / (left[i] + right[i]), 1.0,
                                     -left[i] / (left[i] + right[i]))
-            lam_bend, lam_prior = 1e-3 * len(rows), 1e-4 * len(rows)
-            lhs = design.T @ design + lam_bend * bend.T @ bend + lam_prior * np.eye(m + 1)
-            rhs = design.T @ rows[:, 3] + lam_prior * prior
+            lam_bend, lam_prior = 1e-3 * weight.sum(), 1e-4 * weight.sum()
+            lhs = (design.T * weight) @ design + lam_bend * bend.T @ bend + lam_prior * np.eye(m + 1)
+            rhs = (design.T * weight) @ rows[:, 3] + lam_prior * prior
             fit = np.linalg.solve(lhs, rhs)
             fit[:m] = np.maximum.accumulate(np.maximum(fit[:m], 1e-6))  # more tokens never cost less
             # c_draft again for that f: where every drafting step ran the drafter, the split between
             # f and c_draft is the prior's, and raising f must not price those steps twice.
             ran = rows[:, 2] > 0
             resid = rows[ran, 3] - design[ran, :m] @ fit[:m]
-            fit[m] = max((resid.sum() + lam_prior * prior[m]) / (ran.sum() + lam_prior), 0.0)
+            fit[m] = max(((weight[ran] * resid).sum() + lam_prior * prior[m])
+                         / (weight[ran].sum() + lam_prior), 0.0)
         self._coef = (knots, fit[:-1], float(fit[-1]))
         return self._coef
 
@@ -250,6 +265,11 @@ class AdaptiveDraftLength:
         for only_lookup in (True, False):
             best = self._sweep(values, is_lookup, only_lookup, best)
         alloc = best[1]
+        if alloc.any() and self._needs_probe(n):
+            # Drafting is priced against steps without drafts; when none was timed lately at a
+            # similar batch size, this step is one (the fit would otherwise extrapolate f(n)).
+            self._last_probe = self._step
+            return [0] * n
         if self._step >= self._next_explore:
             # Drafting nothing is the common reason to explore: back off while it keeps being right.
             self._interval = min(2 * self._interval, self.max_explore_every) if not alloc.any() \
@@ -257,6 +277,14 @@ class AdaptiveDraftLength:
             self._next_explore = self._step + self._interval
             alloc = self._explore(req_ids, alloc, lookup)
         return [int(a) for a in alloc]
+
+    def _needs_probe(self, n: int) -> bool:
+        """No step without drafts, with n/2 to 2n requests, among the last `probe_every` timed
+        steps, and no probe in the last `probe_every` decisions."""
+        if not self.timed or self.probe_every <= 0 or self._step - self._last_probe < self.probe_every:
+            return False
+        recent = list(self._steps)[-self.probe_every:]
+        return not any(drafts == 0 and n / 2 <= reqs <= 2 * n for reqs, drafts, _, _ in recent)
 
     def _explore(self, req_ids: Sequence[str], alloc: np.ndarray, lookup: np.ndarray) -> np.ndarray:
         """Every row gets its lookup tokens; rows not yet drafting with the drafter get one drafter
