@@ -1,7 +1,7 @@
 """specdiff against every speculator vLLM ships, in one run (embedded target, held-out BBC prompts).
 
-Engines (Model Runner V1 without async scheduling, eager, float32 on CPU; all in one spawned
-process, timed cell by cell in turn, or with --no-interleave each in its own): no speculation; vLLM's ngram and draft_model (AR drafter); specdiff with the standalone SEDD
+Engines (each in its own spawned process, Model Runner V1 without async scheduling, eager, float32 on
+CPU): no speculation; vLLM's ngram and draft_model (AR drafter); specdiff with the standalone SEDD
 drafter; specdiff with the conditioned drafter at T = 1 and at the other given T; specdiff options
 (adaptive, lookup) as given. Every row records method, k, T, draft policy, adaptive / lookup,
 runner settings, tokens/s, the acceptance histogram and its ratios to no speculation and to the
@@ -30,8 +30,7 @@ def main(argv=None) -> int:
                                       SEDD_DRAFTER_DIR, prepare_target, target_tokenizer)
     from vllm_specdiff.data import heldout_prompts
     from vllm_specdiff.engine.offline import (EngineSpec, add_speedups, default_dtype, device_name,
-                                              format_table, run_interleaved_isolated,
-                                              run_isolated)
+                                              format_table, run_isolated)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,4,16")
@@ -45,11 +44,6 @@ def main(argv=None) -> int:
                         help="run the whole engine list this many times (in order, A B C .. A B C); "
                              "a row's tokens/s is its tokens over its seconds summed over the rounds "
                              "(each round's is kept in round_tokens_per_s): host noise averages out")
-    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
-                        help="all engines in one process, cell by cell: each round runs every "
-                             "engine's cell in turn (forward, then backward), so the methods of a "
-                             "cell are timed within the same minute (default). --no-interleave: "
-                             "one process per engine and round, the whole engine list in order")
     parser.add_argument("--k", type=int, default=4, help="draft tokens of every speculator")
     parser.add_argument("--sedd-k", type=int, default=8)
     parser.add_argument("--sedd-steps", type=int, default=2)
@@ -98,13 +92,7 @@ def main(argv=None) -> int:
         engines = [spec for spec in engines if spec.kind in kinds]
     results, t0 = [], time.time()
     runs: dict[int, list[list[dict]]] = {}
-    if args.interleave:
-        print(f"[peers] {len(engines)} engines in one process, {args.rounds} round(s) per cell ...",
-              flush=True)
-        runs = dict(enumerate(run_interleaved_isolated(
-            engines, target, prompts, batches, temperatures, args.max_tokens, dtype=dtype,
-            rounds=args.rounds, min_prompts=args.min_prompts)))
-    for round_index in range(0 if args.interleave else args.rounds):
+    for round_index in range(args.rounds):
         for index, spec in enumerate(engines):
             print(f"[peers] round {round_index + 1}/{args.rounds}: {spec.label} ...", flush=True)
             runs.setdefault(index, []).append(run_isolated(
@@ -121,7 +109,6 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
     print(f"\n{device}, {dtype}, {len(prompts)} held-out prompts x {args.max_tokens} new tokens, "
-          f"{'interleaved' if args.interleave else 'one process per engine'}, "
           f"{time.time() - t0:.0f} s" + ("" if args.dflash else
                                          "; dflash left out (no DFlash-format checkpoint given)"))
     print(format_table(results))

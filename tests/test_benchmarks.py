@@ -593,35 +593,6 @@ def test_bench_peers_merges_rounds_by_summing_tokens_and_seconds():
     assert first[0]["tokens_per_s"] == 10.0  # inputs untouched
 
 
-def test_interleaved_engines_are_timed_cell_by_cell_in_alternating_order(monkeypatch):
-    """bench_peers' default: all engines in one process; per cell, every round times every engine
-    (forward, then backward, so a drift within the cell hits all alike); vLLM's ngram engines are
-    built last (numba breaks later engine builds in vLLM 0.32)."""
-    from vllm_specdiff.engine import offline
-
-    built, timed = [], []
-    monkeypatch.setattr(offline, "_build_llm",
-                        lambda spec, *args: (built.append(spec.label) or spec.label, 1.0))
-    monkeypatch.setattr(offline, "_run_cell",
-                        lambda llm, spec, cell, batch, temperature, *args:
-                        timed.append((temperature, batch, llm)) or
-                        {"label": llm, "batch": batch, "temperature": temperature, "n": len(cell)})
-    specs = [EngineSpec("none"), EngineSpec("ngram", num_draft_tokens=4),
-             EngineSpec("draft_model", drafter="ar", num_draft_tokens=4)]
-    runs = offline.run_interleaved(specs, "target", [[1]] * 6, [1, 4], [0.0, 1.0], 8, rounds=2,
-                                   min_prompts=2)
-    assert built == ["no speculation", "draft_model k=4", "ngram k=4"]
-    labels = [s.label for s in specs]
-    cells = [(t, b) for t in (0.0, 1.0) for b in (1, 4)]
-    assert timed == [(t, b, label) for t, b in cells
-                     for label in labels + labels[::-1]]
-    assert len(runs) == 3 and all(len(rounds) == 2 for rounds in runs)
-    for spec, rounds in zip(specs, runs):
-        for rows in rounds:  # per round: one row per cell, in run_engine's order
-            assert [(r["temperature"], r["batch"], r["label"], r["n"]) for r in rows] == \
-                [(t, b, spec.label, max(b, 2)) for t, b in cells]
-
-
 def test_plugin_cost_per_cell_is_a_per_engine_step_difference():
     from vllm_specdiff.engine.offline import _plugin_delta
 

@@ -135,10 +135,15 @@ def _plugin_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, An
             "drafter_ms_per_step": per_step("draft_seconds")}
 
 
-def _build_llm(spec: EngineSpec, target: str, batches: Sequence[int], dtype: str, seed: int,
-               max_model_len: int, engine_kwargs: dict[str, Any] | None,
-               warmup_prompt: Sequence[int]) -> tuple[Any, float]:
-    """One engine, warmed up on one short greedy request; (llm, seconds to build)."""
+def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], batches: Sequence[int],
+               temperatures: Sequence[float], max_tokens: int, dtype: str = "bfloat16",
+               seed: int = 0, max_model_len: int = 1024, repeats: int = 1,
+               engine_kwargs: dict[str, Any] | None = None,
+               min_prompts: int | None = None) -> list[dict[str, Any]]:
+    """Build one engine and time every (temperature, batch) pair on `prompts` (in this process).
+    engine_kwargs: more LLM(...) arguments (e.g. block_size). min_prompts: each cell runs
+    max(batch, min_prompts) prompts (the list cycled) instead of all of them, so that a batch-1 cell
+    costs as much wall time as a full batch-16 one rather than 16 times more."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # This process already isolates the engine; in-process engine core builds in seconds, not ~45 s.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -156,108 +161,54 @@ def _build_llm(spec: EngineSpec, target: str, batches: Sequence[int], dtype: str
               **(engine_kwargs or {}))
     build_s = time.perf_counter() - build_start
     # Warm-up: first-call allocations and lazy imports are not part of any measurement.
-    llm.generate([TokensPrompt(prompt_token_ids=list(warmup_prompt))],
+    llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))],
                  SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
-    return llm, build_s
-
-
-def _cell_prompts(prompts: Sequence[Sequence[int]], batch: int,
-                  min_prompts: int | None) -> list[Sequence[int]]:
-    return list(prompts) if min_prompts is None else \
-        [prompts[i % len(prompts)] for i in range(max(batch, min_prompts))]
-
-
-def _run_cell(llm, spec: EngineSpec, cell: Sequence[Sequence[int]], batch: int, temperature: float,
-              max_tokens: int, seed: int, repeats: int, dtype: str, build_s: float) -> dict[str, Any]:
-    """Time one (temperature, batch) cell on `cell` (groups of `batch` prompts, one after the
-    other) and read vLLM's and the plugin's counters around it."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    before = spec_counters(llm.get_metrics())
-    plugin_before = plugin_stats(llm)
-    tokens, texts = 0, []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for first in range(0, len(cell), batch):
-            group = cell[first:first + batch]
-            params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                     ignore_eos=True, seed=seed + first + i)
-                      for i in range(len(group))]
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in group],
-                                   params, use_tqdm=False)
-            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-            texts.extend(o.outputs[0].text for o in outputs)
-    seconds = time.perf_counter() - start
-    counters = _delta(spec_counters(llm.get_metrics()), before)
-    plugin = _plugin_delta(plugin_stats(llm), plugin_before)
-    k = spec.num_draft_tokens
-    return {
-        "method": spec.method, "kind": spec.kind, "label": spec.label, "drafter": spec.drafter,
-        "options": dict(spec.options),
-        "runner_settings": {"model_runner": "v1", "async_scheduling": False,
-                            "enforce_eager": True},
-        "num_draft_tokens": k, "num_steps": spec.num_steps, "window": spec.window,
-        "batch": batch, "temperature": temperature, "dtype": dtype,
-        "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-        "engine_build_s": build_s, "num_drafts": counters["drafts"],
-        "num_accepted_tokens": counters["accepted"],
-        "acceptance_histogram": acceptance_histogram(counters["drafts"],
-                                                     counters["accepted_per_pos"], k) if k else [],
-        "mean_acceptance_length": (1 + counters["accepted"] / counters["drafts"])
-        if counters["drafts"] else None,
-        "sample": texts[0] if texts else "",
-        **plugin,
-    }
-
-
-def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], batches: Sequence[int],
-               temperatures: Sequence[float], max_tokens: int, dtype: str = "bfloat16",
-               seed: int = 0, max_model_len: int = 1024, repeats: int = 1,
-               engine_kwargs: dict[str, Any] | None = None,
-               min_prompts: int | None = None) -> list[dict[str, Any]]:
-    """Build one engine and time every (temperature, batch) pair on `prompts` (in this process).
-    engine_kwargs: more LLM(...) arguments (e.g. block_size). min_prompts: each cell runs
-    max(batch, min_prompts) prompts (the list cycled) instead of all of them, so that a batch-1 cell
-    costs as much wall time as a full batch-16 one rather than 16 times more."""
-    llm, build_s = _build_llm(spec, target, batches, dtype, seed, max_model_len, engine_kwargs,
-                              prompts[0])
-    return [_run_cell(llm, spec, _cell_prompts(prompts, batch, min_prompts), batch, temperature,
-                      max_tokens, seed, repeats, dtype, build_s)
-            for temperature in temperatures for batch in batches]
-
-
-def run_interleaved(specs: Sequence[EngineSpec], target: str, prompts: Sequence[Sequence[int]],
-                    batches: Sequence[int], temperatures: Sequence[float], max_tokens: int,
-                    dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 1024,
-                    rounds: int = 1, engine_kwargs: dict[str, Any] | None = None,
-                    min_prompts: int | None = None) -> list[list[list[dict[str, Any]]]]:
-    """Every engine in this process, cells interleaved: for each (temperature, batch), each round
-    runs every engine's cell in turn (forward in even rounds, backward in odd ones), so that all
-    methods of a cell are timed within the same minute of the host. On this 2-core host the same
-    engine's speed drifts by 20-40% between minutes, more than most differences between methods.
-    Returns, per engine (in `specs` order), its rows per round (as run_engine returns them).
-    Engines of vLLM's ngram method are built last: once numba is imported, vLLM 0.32's
-    `triton_utils` dispatcher fails to build any further engine in the process."""
-    build_order = sorted(range(len(specs)), key=lambda i: specs[i].method == "ngram")
-    built = {i: _build_llm(specs[i], target, batches, dtype, seed, max_model_len, engine_kwargs,
-                           prompts[0]) for i in build_order}
-    runs: list[list[list[dict[str, Any]]]] = [[[] for _ in range(rounds)] for _ in specs]
+    results = []
     for temperature in temperatures:
         for batch in batches:
-            cell = _cell_prompts(prompts, batch, min_prompts)
-            for round_index in range(rounds):
-                order = range(len(specs)) if round_index % 2 == 0 else reversed(range(len(specs)))
-                for i in order:
-                    llm, build_s = built[i]
-                    runs[i][round_index].append(_run_cell(llm, specs[i], cell, batch, temperature,
-                                                          max_tokens, seed, 1, dtype, build_s))
-    return runs
+            cell = list(prompts) if min_prompts is None else \
+                [prompts[i % len(prompts)] for i in range(max(batch, min_prompts))]
+            before = spec_counters(llm.get_metrics())
+            plugin_before = plugin_stats(llm)
+            tokens, texts = 0, []
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for first in range(0, len(cell), batch):
+                    group = cell[first:first + batch]
+                    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                             ignore_eos=True, seed=seed + first + i)
+                              for i in range(len(group))]
+                    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in group],
+                                           params, use_tqdm=False)
+                    tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+                    texts.extend(o.outputs[0].text for o in outputs)
+            seconds = time.perf_counter() - start
+            counters = _delta(spec_counters(llm.get_metrics()), before)
+            plugin = _plugin_delta(plugin_stats(llm), plugin_before)
+            k = spec.num_draft_tokens
+            results.append({
+                "method": spec.method, "kind": spec.kind, "label": spec.label, "drafter": spec.drafter,
+                "options": dict(spec.options),
+                "runner_settings": {"model_runner": "v1", "async_scheduling": False,
+                                    "enforce_eager": True},
+                "num_draft_tokens": k, "num_steps": spec.num_steps, "window": spec.window,
+                "batch": batch, "temperature": temperature, "dtype": dtype,
+                "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                "engine_build_s": build_s, "num_drafts": counters["drafts"],
+                "num_accepted_tokens": counters["accepted"],
+                "acceptance_histogram": acceptance_histogram(counters["drafts"],
+                                                             counters["accepted_per_pos"], k) if k else [],
+                "mean_acceptance_length": (1 + counters["accepted"] / counters["drafts"])
+                if counters["drafts"] else None,
+                "sample": texts[0] if texts else "",
+                **plugin,
+            })
+    return results
 
 
-def _child(queue, args, kwargs, function=run_engine) -> None:
+def _child(queue, args, kwargs) -> None:
     try:
-        queue.put(("ok", function(*args, **kwargs)))
+        queue.put(("ok", run_engine(*args, **kwargs)))
     except BaseException as err:  # report, never hang the parent
         import traceback
 
@@ -274,19 +225,6 @@ def run_isolated(spec: EngineSpec, *args, **kwargs) -> list[dict[str, Any]]:
     process.join()
     if status != "ok":
         raise RuntimeError(f"engine {spec.label} failed:\n{payload}")
-    return payload
-
-
-def run_interleaved_isolated(specs: Sequence[EngineSpec], *args, **kwargs) -> list[list[list[dict]]]:
-    """run_interleaved in one fresh spawned process."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, (list(specs), *args), kwargs, run_interleaved))
-    process.start()
-    status, payload = queue.get()
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"interleaved engines failed:\n{payload}")
     return payload
 
 
@@ -358,5 +296,5 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-__all__ = ["EngineSpec", "run_engine", "run_isolated", "run_interleaved", "run_interleaved_isolated", "add_speedups", "format_table", "default_dtype",
+__all__ = ["EngineSpec", "run_engine", "run_isolated", "add_speedups", "format_table", "default_dtype",
            "acceptance_histogram", "spec_counters", "device_name"]
