@@ -23,9 +23,10 @@ DSpark's confidence-scheduled verification):
   n/2 to 2n requests is among the last `probe_every` timed steps, the step drafts nothing (a cost
   probe; at most one in `probe_every`). Without probes, batch 16 at temperature 0 drafted lookup
   tokens in nearly every step, f(16) was extrapolated from ~22-token steps, six draft tokens were
-  priced at ~0 ms (measured ~5 ms each) and the engine ran at 0.85x of no speculation. drafter(R) = d_0 + d_1 R is
-  fitted from the drafter's own measured calls (its cost grows with the rows it drafts). A step
-  whose drafts are all lookup tokens does not run the drafter (ngram's cost);
+  priced at ~0 ms (measured ~5 ms each) and the engine ran at 0.85x of no speculation.
+  drafter(R) = d_0 + d_1 R is fitted from the drafter's own measured calls (its cost grows with
+  the rows it drafts). A step whose drafts are all lookup tokens does not run the drafter (ngram's
+  cost);
 - allocation is greedy in marginal value: block positions sorted by value are added while the
   throughput sum_i E_i / time increases, once with lookup positions only and once with all; the
   best of those and of drafting nothing wins, where drafting must beat drafting nothing by
