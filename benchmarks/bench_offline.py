@@ -186,7 +186,8 @@ def speculator_specs(kinds: Sequence[str], *, sedd: str | None = None, ar: str |
                   for k in draft_model_k]
     if "specdiff" in kinds:
         specs += [(EngineSpec("specdiff", drafter=sedd, num_draft_tokens=k, num_steps=t,
-                              window=window), "v1") for k, t in specdiff_pairs]
+                              window=window, options=(("adaptive", adaptive), ("lookup", lookup))),
+                   "v1") for k, t in specdiff_pairs]
     if "specdiff_conditioned" in kinds:
         specs += [(spec, "v1") for spec in conditioned_specs(conditioned, conditioned_pairs,
                                                              adaptive, lookup)]
@@ -468,11 +469,11 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conditioned", default="4:1",
                         help="specdiff_conditioned num_draft_tokens:num_steps list")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                        help="specdiff_conditioned: per step and request, draft only the "
-                             "tokens that pay")
+                        help="specdiff (both drafters): per step and request, draft only "
+                             "the tokens that pay")
     parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
-                        help="specdiff_conditioned: prompt-lookup continuations of the context "
-                             "enter the draft block")
+                        help="specdiff (both drafters): prompt-lookup continuations of the "
+                             "context enter the draft block")
     parser.add_argument("--methods", help=f"comma list of {ENGINE_KINDS} (default: all, less "
                                           "dflash without its drafter and draft_model_default "
                                           "where it equals draft_model); draft_model_default = "

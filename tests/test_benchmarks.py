@@ -205,9 +205,13 @@ def test_build_engines_order_and_labels():
         [(8, 2)], None, baseline_reruns=2)
     labels = [e.label for e in engines]
     assert labels == ["no speculation", "draft_model k=2", "draft_model k=4",
-                      "draft_model k=4 (default runner)", "specdiff-sedd k=8 T=2",
+                      "draft_model k=4 (default runner)", "specdiff-sedd k=8 T=2 a l",
                       "no speculation (rerun 1)"]
     assert [e.runner for e in engines] == ["v1", "v1", "v1", "default", "v1", "v1"]
+    # A label shows what the engine runs: the plugin's adaptive and lookup defaults are on.
+    assert EngineSpec("specdiff", "sedd", 8, 2).label == "specdiff-sedd k=8 T=2 a l"
+    assert EngineSpec("specdiff", "sedd", 8, 2, options=(("lookup", False),)).label == \
+        "specdiff-sedd k=8 T=2 a"
     with pytest.raises(ValueError, match="unknown methods"):
         bench_offline.build_engines(["eagle"], None, None, [], [], [], None, 1)
     with pytest.raises(ValueError, match="V1"):
@@ -236,7 +240,7 @@ def test_build_engines_with_every_speculator(tmp_path):
         conditioned_pairs=[(4, 1), (8, 2)])
     assert [e.label for e in engines] == [
         "no speculation", "ngram k=2", "ngram k=4", "draft_model k=2", "draft_model k=4",
-        "draft_model k=4 (default runner)", "dflash k=2", "dflash k=4", "specdiff-sedd k=8 T=2",
+        "draft_model k=4 (default runner)", "dflash k=2", "dflash k=4", "specdiff-sedd k=8 T=2 a l",
         "specdiff-conditioned k=4 T=1 a l", "specdiff-conditioned k=8 T=2 a l",
         "no speculation (rerun 1)"]
     assert [e.runner for e in engines].count("default") == 1
@@ -249,7 +253,8 @@ def test_build_engines_with_every_speculator(tmp_path):
     assert configs[7] == {"method": "dflash", "num_speculative_tokens": 4, "model": dflash}
     assert configs[9] == {"method": "specdiff", "num_speculative_tokens": 4, "model": conditioned,
                           "num_steps": 1, "adaptive": True, "lookup": True}
-    assert "adaptive" not in configs[8] and configs[8]["model"] == "sedd"
+    assert configs[8] == {"method": "specdiff", "num_speculative_tokens": 8, "model": "sedd",
+                          "num_steps": 2, "adaptive": True, "lookup": True}
 
     (off,) = bench_offline.build_engines(["specdiff_conditioned"], None, None, [], [], [], None, 1,
                                          conditioned_drafter=conditioned, conditioned_pairs=[(4, 1)],
@@ -440,7 +445,7 @@ def test_server_command_and_env():
     assert bench_serve.Server("none").speculative_config() is None
     assert bench_serve.parse_pairs("8:2, 16:4") == [(8, 2), (16, 4)]
     servers = bench_serve.build_servers(["none", "specdiff"], "s", "a", [4], [4], [(8, 2)], None)
-    assert [s.label for s in servers] == ["no speculation", "specdiff-sedd k=8 T=2"]
+    assert [s.label for s in servers] == ["no speculation", "specdiff-sedd k=8 T=2 a l"]
 
 
 def _served_config(server):
@@ -455,7 +460,7 @@ def test_build_servers_with_every_speculator(tmp_path):
         dflash=dflash, conditioned=conditioned, conditioned_pairs=[(4, 1)])
     assert [s.label for s in servers] == [
         "no speculation", "ngram k=4", "draft_model k=4", "draft_model k=4 (default runner)",
-        "dflash k=4", "specdiff-sedd k=8 T=2", "specdiff-conditioned k=4 T=1 a l"]
+        "dflash k=4", "specdiff-sedd k=8 T=2 a l", "specdiff-conditioned k=4 T=1 a l"]
     assert _served_config(servers[1]) == {"method": "ngram", "num_speculative_tokens": 4,
                                           "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     assert _served_config(servers[4]) == {"method": "dflash", "num_speculative_tokens": 4,

@@ -55,7 +55,8 @@ class EngineSpec:
         if self.method != "specdiff":
             return f"{self.method} k={self.num_draft_tokens}"
         options = dict(self.options)
-        flags = "".join(f" {name[0]}" for name in ("adaptive", "lookup") if options.get(name))
+        # The plugin's defaults are on: a flag shows what the engine runs, not what was spelled out.
+        flags = "".join(f" {name[0]}" for name in ("adaptive", "lookup") if options.get(name, True))
         return f"specdiff-{self.kind} k={self.num_draft_tokens} T={self.num_steps}{flags}"
 
     def speculative_config(self) -> dict[str, Any] | None:
