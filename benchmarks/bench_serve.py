@@ -17,7 +17,8 @@ stopped (SIGINT, then SIGKILL, to its process group) in a finally block.
 
 Writes one JSON line per (server, temperature, concurrency) to --out and prints a table: request
 and output-token throughput, TTFT / TPOT / ITL (ms), mean acceptance length, and speedup = output
-tokens/s over the no-speculation server at the same temperature and concurrency (same run).
+tokens/s over the no-speculation server at the same temperature and concurrency (same run), and
+over draft_model and the best of vLLM's own speculators (ngram, draft_model, dflash) there.
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ from bench_offline import (ENGINE_KINDS, OFFLINE_ENV, add_method_options,  # noq
                            resolve_models, speculator_specs)
 from plots import format_table, group_points, plot_lines, write_jsonl  # noqa: E402
 
-from vllm_specdiff.offline import (EngineSpec, acceptance_histogram, default_dtype,  # noqa: E402
-                                   device_name)
+from vllm_specdiff.offline import (EngineSpec, acceptance_histogram, add_speedups,  # noqa: E402
+                                   default_dtype, device_name)
 
 SERVER_KINDS = ENGINE_KINDS  # the same engines as bench_offline, served
 # vllm bench serve result keys kept in the JSON lines (others: per-request lists, dropped).
@@ -273,25 +274,6 @@ def level_row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """speedup = output tokens/s over the no-speculation server at the same temperature and
-    concurrency; speedup_vs_draft_model likewise over the best draft_model server on runner v1."""
-    plain: dict[tuple, float] = {}
-    best_dm: dict[tuple, float] = {}
-    for r in rows:
-        key, value = (r.get("temperature"), r.get("concurrency")), r.get("output_throughput")
-        if not value:
-            continue
-        if r["method"] == "none":
-            plain[key] = value
-        elif r["method"] == "draft_model" and r.get("runner") == "v1":
-            best_dm[key] = max(best_dm.get(key, 0.0), value)
-    for r in rows:
-        key, value = (r.get("temperature"), r.get("concurrency")), r.get("output_throughput")
-        r["speedup"] = value / plain[key] if value and plain.get(key) else None
-        r["speedup_vs_draft_model"] = value / best_dm[key] if value and best_dm.get(key) else None
-
-
 TABLE_COLUMNS = [
     ("server", lambda r: r["label"], ""),
     ("temp", lambda r: r.get("temperature"), "g"),
@@ -304,6 +286,7 @@ TABLE_COLUMNS = [
     ("accept len", lambda r: r.get("mean_acceptance_length"), ".2f"),
     ("speedup", lambda r: r.get("speedup"), ".2f"),
     ("vs draft_model", lambda r: r.get("speedup_vs_draft_model"), ".2f"),
+    ("vs best peer", lambda r: r.get("speedup_vs_best_peer"), ".2f"),
     ("note", lambda r: r.get("error", "").splitlines()[0][:60] if r.get("error") else "", ""),
 ]
 
@@ -368,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperatures", help="default 0,1 (quick: 0,1)")
     parser.add_argument("--num-prompts", type=int,
                         help="requests per level (at least the concurrency), default 32 (quick: 4)")
+    parser.add_argument("--waves", type=int, default=1,
+                        help="requests per level = max(--num-prompts, waves x concurrency): with "
+                             "2 or more, finished requests are replaced by waiting ones (a loaded "
+                             "server), not one closed batch")
     parser.add_argument("--prompts", type=Path, help='JSONL: {"prompt": text} or '
                                                      '{"prompt_token_ids": [...]} per line')
     parser.add_argument("--prompt-tokens", type=int, default=64, help="BBC prompt length")
@@ -388,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.waves < 1:
+        parser.error(f"--waves must be >= 1, got {args.waves}")
     args.dtype = default_dtype(args.dtype)
     quick = args.quick
     for name, full_value, quick_value in (("concurrency", "1,4,16", "1,4"),
@@ -412,18 +402,18 @@ def main(argv: list[str] | None = None) -> int:
                             conditioned_pairs=parse_pairs(args.conditioned),
                             adaptive=args.adaptive, lookup=args.lookup)
     concurrency, temperatures = parse_ints(args.concurrency), parse_floats(args.temperatures)
+    needed = max(args.num_prompts, args.waves * max(concurrency))  # prompts of the largest level
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     if args.prompts:
-        texts = load_text_prompts(args.prompts, tokenizer, args.num_prompts)
+        texts = load_text_prompts(args.prompts, tokenizer, needed)
     else:
         from vllm_specdiff.data import heldout_prompts
 
         texts = [tokenizer.decode(ids) for ids in
-                 heldout_prompts(tokenizer, max(args.num_prompts, max(concurrency)),
-                                 args.prompt_tokens)]
+                 heldout_prompts(tokenizer, needed, args.prompt_tokens)]
     stem = "serve" + (f"-{args.tag}" if args.tag else "")
     dataset = write_prompts_dataset(texts, args.out / f"{stem}-prompts.json")
     device = device_name()
@@ -458,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    healthy after {ready:.0f} s", flush=True)
             for temperature in temperatures:
                 for level in concurrency:
-                    num_prompts = max(args.num_prompts, level)
+                    num_prompts = max(args.num_prompts, args.waves * level)
                     before = parse_spec_metrics(http_get(f"{base_url}/metrics")[1])
                     result = run_vllm_bench(
                         bench_args(base_url, target, dataset, num_prompts, level, args.max_tokens,
@@ -483,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_server(process)
 
-    add_speedups(rows)
+    add_speedups(rows, value="output_throughput", cell=("temperature", "concurrency"))
     rows.sort(key=lambda r: (r.get("temperature") or 0, r.get("concurrency") or 0,
                              family_rank(r), r["runner"] != "v1",
                              r["num_draft_tokens"], r.get("num_steps") or 0))

@@ -329,6 +329,30 @@ def test_add_speedups_uses_same_run_baseline_mean():
     assert demo[3]["speedup_vs_draft_model"] == pytest.approx(1.0)
 
 
+def test_serve_speedups_per_temperature_and_concurrency():
+    # bench_serve's rows: output tokens/s per (temperature, concurrency); best peer = the fastest
+    # of ngram / draft_model / dflash in that cell, never a specdiff server.
+    def row(method, label, conc, tps, runner="v1"):
+        return {"method": method, "label": label, "temperature": 0.0, "concurrency": conc,
+                "output_throughput": tps, "runner": runner}
+
+    rows = [row("none", "none", 1, 10.0), row("ngram", "ngram k=4", 1, 20.0),
+            row("dflash", "dflash k=4", 1, 12.0), row("specdiff", "specdiff a", 1, 25.0),
+            row("none", "none", 4, 40.0), row("draft_model", "draft_model k=4", 4, 30.0),
+            row("specdiff", "specdiff a", 4, 36.0)]
+    bench_serve.add_speedups(rows, value="output_throughput", cell=("temperature", "concurrency"))
+    assert rows[3]["speedup"] == pytest.approx(2.5)
+    assert rows[3]["best_peer"] == "ngram k=4" and rows[3]["speedup_vs_best_peer"] == pytest.approx(1.25)
+    assert rows[3]["speedup_vs_draft_model"] is None  # no draft_model server at concurrency 1
+    assert rows[6]["speedup"] == pytest.approx(0.9)
+    assert rows[6]["speedup_vs_best_peer"] == pytest.approx(1.2)
+    assert rows[6]["speedup_vs_draft_model"] == pytest.approx(1.2)
+    table = bench_serve.format_table(rows, bench_serve.TABLE_COLUMNS)
+    assert "vs best peer" in table and "1.25" in table
+    with pytest.raises(SystemExit):  # refused before any model is resolved
+        bench_serve.main(["--waves", "0"])
+
+
 def test_load_prompts_jsonl(tmp_path):
     class Tokenizer:
         def encode(self, text, add_special_tokens=False):

@@ -229,25 +229,30 @@ def run_isolated(spec: EngineSpec, *args, **kwargs) -> list[dict[str, Any]]:
     return payload
 
 
-def add_speedups(results: list[dict[str, Any]]) -> None:
-    """speedup: tokens/s over no speculation (the mean of its runs) at the same temperature and
-    batch, in the same run; speedup_vs_draft_model: over the fastest draft_model engine on Model
-    Runner V1 without async scheduling (the fair baseline; rows without a runner ran there)."""
+def add_speedups(results: list[dict[str, Any]], value: str = "tokens_per_s",
+                 cell: tuple[str, str] = ("temperature", "batch")) -> None:
+    """speedup: `value` (tokens/s) over no speculation (the mean of its runs) in the same `cell`
+    (temperature and batch; bench_serve: temperature and concurrency), in the same run;
+    speedup_vs_draft_model: over the fastest draft_model engine on Model Runner V1 without async
+    scheduling (the fair baseline; rows without a runner ran there); speedup_vs_best_peer: over
+    the fastest of what vLLM ships (PEERS), named in best_peer."""
     def mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
-    ok = [r for r in results if r.get("tokens_per_s")]
-    keys = {(r["temperature"], r["batch"]) for r in ok}
-    plain = {key: mean([r["tokens_per_s"] for r in ok if r["method"] == "none"
-                        and (r["temperature"], r["batch"]) == key]) for key in keys}
-    draft_model = {key: max([r["tokens_per_s"] for r in ok if r["method"] == "draft_model"
-                             and r.get("runner", "v1") == "v1" and (r["temperature"], r["batch"]) == key],
-                            default=None) for key in keys}
-    best_peer = {key: max([(r["tokens_per_s"], r["label"]) for r in ok if r["method"] in PEERS
-                           and (r["temperature"], r["batch"]) == key], default=None) for key in keys}
+    def key_of(r: dict[str, Any]) -> tuple:
+        return tuple(r.get(name) for name in cell)
+
+    ok = [r for r in results if r.get(value)]
+    keys = {key_of(r) for r in ok}
+    plain = {key: mean([r[value] for r in ok if r["method"] == "none" and key_of(r) == key])
+             for key in keys}
+    draft_model = {key: max([r[value] for r in ok if r["method"] == "draft_model"
+                             and r.get("runner", "v1") == "v1" and key_of(r) == key], default=None)
+                   for key in keys}
+    best_peer = {key: max([(r[value], r["label"]) for r in ok if r["method"] in PEERS
+                           and key_of(r) == key], default=None) for key in keys}
     for r in results:
-        key = (r.get("temperature"), r.get("batch"))
-        tps = r.get("tokens_per_s")
+        key, tps = key_of(r), r.get(value)
         r["speedup"] = tps / plain[key] if tps and plain.get(key) else None
         r["speedup_vs_draft_model"] = tps / draft_model[key] if tps and draft_model.get(key) else None
         peer = best_peer.get(key)
