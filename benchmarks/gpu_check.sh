@@ -16,8 +16,8 @@ echo "== kernels vs reference on CUDA"
 timeout 300 $PY tests/test_kernels.py cuda > "$OUT/kernels_cuda.json" 2> "$OUT/kernels_cuda.log"
 echo "rc $?"; tail -c 600 "$OUT/kernels_cuda.json"
 echo "== pytest: CUDA tests"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_verification.py \
-    -k "cuda or sm90" -rs 2>&1 | tail -15
+timeout 300 $PY -m pytest -v -p no:cacheprovider tests/test_generate.py tests/test_kernels.py \
+    tests/test_verification.py -k "cuda or sm90" -rs 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
 echo "== verifier timings"
 for extra in "" "--temperature 0" "--one-hot"; do
     timeout 200 $PY benchmarks/bench_rejection.py $extra --out "$OUT/rejection-cuda.jsonl"
