@@ -225,6 +225,7 @@ def test_greedy_is_token_identical_with_prefix_caching_and_chunked_prefill(
     print(f"max_num_seqs={max_num_seqs}: acceptance length {1 + accepted / drafts:.2f}, {stats}")
     assert drafts > 0 and accepted / drafts > 0.3, counters
     assert stats["failures"] == 0
+    assert stats["num_steps"] == NUM_DRAFT  # the default T: one position per denoising step
 
 
 # Measured in vLLM's dflash with the previous round's peer (864 training sequences): 1.367 (24

@@ -21,8 +21,9 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=96, help="new tokens per prompt")
     parser.add_argument("--num-draft-tokens", type=int, default=4,
                         help="specdiff (conditioned drafter) draft tokens")
-    parser.add_argument("--num-steps", type=int, default=1,
-                        help="specdiff (conditioned drafter) denoising steps")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="specdiff (conditioned drafter) denoising steps (default: the "
+                             "plugin's, num_draft_tokens)")
     parser.add_argument("--sedd-draft-tokens", type=int, default=8, help="standalone SEDD row: k")
     parser.add_argument("--sedd-steps", type=int, default=2, help="standalone SEDD row: T")
     parser.add_argument("--ngram-draft-tokens", type=int, default=4, help="vLLM ngram k")
@@ -52,7 +53,8 @@ def run_demo(args: argparse.Namespace) -> int:
         EngineSpec("draft_model", drafter=str(AR_DRAFTER_DIR), num_draft_tokens=args.ar_draft_tokens),
         EngineSpec("dflash", drafter=str(DFLASH_DRAFTER_DIR), num_draft_tokens=args.num_draft_tokens),
         EngineSpec("specdiff", drafter=str(CONDITIONED_DRAFTER_DIR),
-                   num_draft_tokens=args.num_draft_tokens, num_steps=args.num_steps,
+                   num_draft_tokens=args.num_draft_tokens,
+                   num_steps=args.num_steps or args.num_draft_tokens,
                    options=(("adaptive", True), ("lookup", True))),
         EngineSpec("specdiff", drafter=str(SEDD_DRAFTER_DIR), num_draft_tokens=args.sedd_draft_tokens,
                    num_steps=args.sedd_steps),

@@ -9,6 +9,7 @@ Keys of the speculative config (vLLM's names where vLLM has one):
     model                  the SEDD drafter: local folder, hub id, or sedd-small / sedd-medium
     num_speculative_tokens draft tokens per step (num_draft_tokens)
     num_steps              denoising steps per draft block, in [1, num_speculative_tokens]
+                           (default: num_speculative_tokens, for both drafter kinds)
     window                 drafter context window incl. the draft block (default: drafter length)
     order                  "left_to_right" (exact with full q) | "random" (reference SEDD sampler)
     draft_temperature      temperature of sampled drafts; None = the request's own temperature.

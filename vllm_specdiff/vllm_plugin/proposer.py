@@ -140,12 +140,12 @@ class SpecDiffProposer:
         drafter_config = read_conditioned_config(config.drafter)
         embed, head = target_embedding_and_head(target_model, drafter_config.vocab_size)
         model = load_conditioned(config.drafter, embed, head, device=self.device, dtype=self.dtype)
-        drafter = ConditionedDrafter(model, self.num_draft_tokens,
-                                     num_steps=config.num_steps or 1,
-                                     policy=config.policy_for(config.num_steps or 1,
-                                                              self.num_draft_tokens))
+        num_steps = config.num_steps or self.num_draft_tokens  # resolved at startup (patches)
+        drafter = ConditionedDrafter(model, self.num_draft_tokens, num_steps=num_steps,
+                                     policy=config.policy_for(num_steps, self.num_draft_tokens))
         self.conditioned = ConditionedState(drafter, self.max_num_seqs, self.max_model_len)
         self.drafter = drafter
+        self.stats["num_steps"] = drafter.num_steps
         self.aux_layers = aux_layer_ids(drafter_config.target_layer_ids)
         logger.info("specdiff: conditioned drafter loaded on %s (%s): %d draft tokens, %d steps, "
                     "draft policy at temperature > 0: %s, target layers %s", self.device, self.dtype,
