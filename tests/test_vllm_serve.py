@@ -286,6 +286,17 @@ def test_conditioned_drafter_serves_32_concurrent_requests_with_bad_ones_mixed_i
     assert "specdiff: conditioned drafter loaded on" in server.log_path.read_text()
 
 
+def test_serve_client_example_against_the_conditioned_server(conditioned_server):
+    """examples/serve_client.py, run as a user runs it, against the served embedded target."""
+    server = conditioned_server
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "examples" /
+                                               "serve_client.py"),
+                           "--base-url", server.base, "--model", server.model, "--max-tokens", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.startswith("+++ ") and "acceptance length" in done.stdout, done.stdout
+
+
 def test_vllm_ngram_with_the_plugin_loaded_survives_the_request_mix(servers):
     server = servers["ngram"]
     check_mix(server, run_mix(server))
