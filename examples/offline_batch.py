@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     from vllm_specdiff.data import heldout_prompts
 
     target = str(prepare_target())
-    prompts = [target_tokenizer().decode(ids) for ids in heldout_prompts(target_tokenizer(),
-                                                                        args.num_prompts, 48)]
+    tokenizer = target_tokenizer()
+    prompts = [tokenizer.decode(ids) for ids in heldout_prompts(tokenizer, args.num_prompts, 48)]
     # float32: bf16 is emulated on most CPUs; enforce_eager: no graph compilation (minutes on CPU).
     llm = LLM(model=target, dtype="float32", max_model_len=1024, max_num_seqs=args.num_prompts,
               enforce_eager=True,

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> bool:
                              target.get_output_embeddings().weight, target_config=target.config)
     drafter = ConditionedDrafter(model, num_draft_tokens=args.num_draft_tokens,
                                  num_steps=args.num_steps or args.num_draft_tokens)
-    prompts = heldout_prompts(target_tokenizer(), args.num_prompts, 48)
+    tokenizer = target_tokenizer()
+    prompts = heldout_prompts(tokenizer, args.num_prompts, 48)
     result = speculative_generate(target, drafter, prompts, args.max_tokens, temperature=0.0)
     identical = True
     for prompt, ours in zip(prompts, result.sequences):
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> bool:
                                         do_sample=False, pad_token_id=target.config.eos_token_id)
         reference = reference[0, len(prompt):].tolist()  # shorter when the target ends (eos)
         identical &= list(ours[:len(reference)]) == reference
-        print(f"+++ {target_tokenizer().decode(ours)!r}")
+        print(f"+++ {tokenizer.decode(ours)!r}")
     stats = result.stats
     print(f"acceptance length {stats.mean_acceptance_length:.2f} tokens per round; "
           f"identical to the target's greedy output: {identical}")

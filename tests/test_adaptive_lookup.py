@@ -307,6 +307,21 @@ def test_draft_token_cost_is_fitted_at_the_batch_size_it_is_used_for():
     assert policy.allocate(reqs, lookup_lengths=[4] * 16) == [0] * 16
 
 
+def drive_with_lookup(policy: AdaptiveDraftLength, num_reqs: int, lookup_accept: float,
+                      steps: int) -> list[int]:
+    """`steps` engine steps of `num_reqs` requests, each with 4 lookup tokens accepted at
+    `lookup_accept` per token, every step timed at cpu_step_seconds: draft tokens per step."""
+    reqs = [f"r{i}" for i in range(num_reqs)]
+    for req in reqs:
+        policy._counts[req] = np.array([lookup_accept * 1e6, 1e6, 0.0, 0.0])
+    decisions = []
+    for _ in range(steps):
+        drafts = sum(policy.allocate(reqs, lookup_lengths=[4] * num_reqs))
+        decisions.append(drafts)
+        policy.record_step(num_reqs, drafts, cpu_step_seconds(num_reqs + drafts), drafter_ran=False)
+    return decisions
+
+
 def test_a_drafting_controller_keeps_timing_steps_without_drafts():
     """Seen at temperature 0, batch 16: lookup tokens were drafted in nearly every step, so nearly
     every timed step computed ~22 tokens and f(16) was an extrapolation: the fit priced six draft
@@ -316,14 +331,8 @@ def test_a_drafting_controller_keeps_timing_steps_without_drafts():
     policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=0)
     for _ in range(40):
         policy.record_step(16, 6, cpu_step_seconds(22), drafter_ran=False)
-    reqs = [f"r{i}" for i in range(16)]
-    for req in reqs:  # lookup tokens accepted 80% of the time
-        policy._counts[req] = np.array([0.8e6, 1e6, 0.0, 0.0])
-    decisions = []
-    for _ in range(4 * policy.probe_every):
-        alloc = policy.allocate(reqs, lookup_lengths=[4] * 16)
-        decisions.append(sum(alloc))
-        policy.record_step(16, sum(alloc), cpu_step_seconds(16 + sum(alloc)), drafter_ran=False)
+    decisions = drive_with_lookup(policy, num_reqs=16, lookup_accept=0.8,
+                                  steps=4 * policy.probe_every)
     assert decisions[0] == 0  # a probe: no recent step without drafts
     # With both kinds of steps timed, drafting at batch 16 is seen not to pay (16 -> 32 tokens
     # costs +90%, brings +80%; test_draft_token_cost_is_fitted_at_the_batch_size_it_is_used_for).
@@ -346,14 +355,8 @@ def test_the_cost_fit_follows_the_host_speed():
 
 def test_probes_cost_at_most_one_step_in_probe_every_where_drafting_pays():
     policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=0)
-    reqs = [f"r{i}" for i in range(4)]
-    for req in reqs:
-        policy._counts[req] = np.array([0.95e6, 1e6, 0.0, 0.0])
-    decisions = []
-    for _ in range(8 * policy.probe_every):
-        alloc = policy.allocate(reqs, lookup_lengths=[4] * 4)
-        decisions.append(sum(alloc))
-        policy.record_step(4, sum(alloc), cpu_step_seconds(4 + sum(alloc)), drafter_ran=False)
+    decisions = drive_with_lookup(policy, num_reqs=4, lookup_accept=0.95,
+                                  steps=8 * policy.probe_every)
     steady = decisions[policy.probe_every:]
     assert max(steady) == 16  # drafting pays at batch 4: every row drafts its 4 lookup tokens
     assert 1 <= steady.count(0) <= len(steady) // policy.probe_every + 1
