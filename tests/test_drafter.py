@@ -51,22 +51,35 @@ def normalized(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.sum(-1, keepdim=True)
 
 
-def enumerate_left_to_right(drafter: DiffusionDrafter, context):
-    """Every draft with its probability and recorded rows, by walking the drafter's own steps."""
+def enumerate_left_to_right(drafter: DiffusionDrafter, context, known: dict[int, int] | None = None):
+    """Every draft with its probability and recorded rows, by walking the drafter's own steps.
+    `known` {draft position: token}: positions revealed before drafting (prompt lookup); their
+    token is fixed and their recorded row is one-hot."""
+    known = known or {}
     indices, positions = initial_indices(drafter, context)
     grid = time_grid(drafter.num_steps)
     paths = [((), 1.0, [])]
     for step in range(drafter.num_steps):
         start, end = drafter.block_bounds[step], drafter.block_bounds[step + 1]
+        free = [j for j in range(start, end) if j not in known]
+        choices = [[known[j]] if j in known else range(VOCAB) for j in range(start, end)]
         next_paths = []
         for tokens, weight, rows in paths:
             current = indices.clone()
+            for j, token in known.items():
+                current[0, positions[0, j]] = token
             current[0, positions[0, :len(tokens)]] = torch.tensor(tokens, dtype=torch.long)
-            log_score = drafter._log_scores(current, None, positions[:, start:end], grid[step])
-            block_rows = normalized(tempered_probs(log_score[..., :-1], torch.ones(1))[0])
-            for block in itertools.product(range(VOCAB), repeat=end - start):
-                w = weight * float(torch.prod(block_rows[torch.arange(end - start), list(block)]))
-                next_paths.append((tokens + block, w, rows + list(block_rows)))
+            block_rows = None
+            if free:  # a block whose positions are all revealed runs no forward
+                log_score = drafter._log_scores(current, None, positions[:, start:end], grid[step])
+                block_rows = normalized(tempered_probs(log_score[..., :-1], torch.ones(1))[0])
+            step_rows = [torch.nn.functional.one_hot(torch.tensor(known[j]), VOCAB).double()
+                         if j in known else block_rows[j - start] for j in range(start, end)]
+            for block in itertools.product(*choices):
+                w = weight
+                for j in free:
+                    w *= float(block_rows[j - start, block[j - start]])
+                next_paths.append((tokens + block, w, rows + step_rows))
         paths = next_paths
     return paths
 
@@ -201,6 +214,81 @@ def test_left_to_right_full_q_verification_is_exact(num_draft, num_steps, one_th
     law = round_output_law(CONTEXT, paths, horizon)
     target = continuation_law(tuple(CONTEXT), horizon)
     assert total_variation(law, target) < 1e-9
+
+
+@pytest.mark.parametrize("num_draft, num_steps, known", [(2, 2, {0: 3}), (3, 3, {0: 1, 1: 1}),
+                                                          (3, 2, {0: 2}), (3, 1, {1: 0})])
+def test_lookup_revealed_positions_are_exact(num_draft, num_steps, known, one_thread):
+    """Positions filled before drafting (prompt lookup: a function of the context, so a point mass)
+    with one-hot rows, the drafter denoising the others around them left to right: the round's
+    output law is the target's. {1: 0} reveals a later position inside the only step's block."""
+    drafter = DiffusionDrafter(markov_sedd(), num_draft, num_steps)
+    paths = enumerate_left_to_right(drafter, CONTEXT, known)
+    assert abs(sum(w for _, w, _ in paths) - 1) < 1e-12
+    assert all(tokens[j] == token for tokens, _, _ in paths for j, token in known.items())
+    horizon = num_draft + 1
+    law = round_output_law(CONTEXT, paths, horizon)
+    assert total_variation(law, continuation_law(tuple(CONTEXT), horizon)) < 1e-9
+    # The same drafts with the revealed rows recorded as the drafter's own law instead (what a
+    # proposer that forgot to record the point mass would send) are not exact: the test can fail.
+    wrong = [(tokens, w, [torch.full((VOCAB,), 1.0 / VOCAB, dtype=torch.float64) if j in known
+                          else row for j, row in enumerate(rows)]) for tokens, w, rows in paths]
+    assert total_variation(round_output_law(CONTEXT, wrong, horizon),
+                           continuation_law(tuple(CONTEXT), horizon)) > 1e-3
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "random"])
+def test_revealed_drafts_follow_the_enumerated_law(order, one_thread):
+    """Ties draft(revealed_tokens=...) to the enumeration: 8k float32 drafts with position 0
+    revealed vs the enumerated law (left to right: also the recorded rows); every revealed
+    position keeps its token with a one-hot row, a row without revealed positions (-1) drafts as
+    before, under both orders."""
+    drafter = DiffusionDrafter(markov_sedd(), 3, 2, order=order)
+    drafter.model = drafter.model.float()
+    num = 8000
+    revealed = torch.full((num, 3), -1, dtype=torch.long)
+    revealed[:, 0] = 2
+    out = drafter.draft([CONTEXT] * num, generator=torch.Generator().manual_seed(0),
+                        revealed_tokens=revealed)
+    assert (out.token_ids[:, 0] == 2).all()
+    assert torch.equal(out.draft_probs[:, 0], torch.nn.functional.one_hot(
+        torch.full((num,), 2), VOCAB).float())
+    if order == "left_to_right":
+        drafter.model = drafter.model.double()
+        paths = enumerate_left_to_right(drafter, CONTEXT, {0: 2})
+        law = draft_marginal(paths)
+        counts = Counter(map(tuple, out.token_ids.tolist()))
+        keys = sorted(law)
+        assert sum(counts.values()) == num and set(counts) <= set(keys)
+        assert chisquare([counts.get(k, 0) for k in keys], [num * law[k] for k in keys]).pvalue > 1e-3
+        rows = {tokens: torch.stack(r) for tokens, _, r in paths}
+        for i in range(0, num, 397):
+            tokens = tuple(out.token_ids[i].tolist())
+            assert torch.allclose(normalized(out.draft_probs[i]), rows[tokens], atol=1e-6)
+        drafter.model = drafter.model.float()
+    generator = torch.Generator().manual_seed(5)
+    plain = drafter.draft([CONTEXT], generator=generator)
+    again = drafter.draft([CONTEXT], generator=torch.Generator().manual_seed(5),
+                          revealed_tokens=torch.full((1, 3), -1))
+    assert torch.equal(plain.token_ids, again.token_ids)
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "random"])
+def test_revealed_rows_are_batch_invariant_under_per_row_generators(order):
+    """A seeded row drafts the same whether or not its batch neighbours have revealed positions:
+    steps whose positions are all revealed still draw their noise (a skipped forward must not shift
+    a row's random stream)."""
+    drafter = DiffusionDrafter(random_sedd(), 4, 4, order=order, window=12)
+    contexts = [[1, 2, 3], [4, 5, 6, 7]]
+    revealed = torch.tensor([[7, 8, -1, -1], [-1, -1, -1, -1]])
+    batch = drafter.draft(contexts, temperature=[1.0, 1.0], revealed_tokens=revealed,
+                          generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    for row in range(2):
+        alone = drafter.draft([contexts[row]], temperature=1.0, revealed_tokens=revealed[row:row + 1],
+                              generator=[torch.Generator().manual_seed(row + 1)])
+        assert torch.equal(alone.token_ids[0], batch.token_ids[row])
+        assert torch.allclose(alone.draft_probs[0], batch.draft_probs[row], atol=1e-5)
+    assert batch.token_ids[0, :2].tolist() == [7, 8]
 
 
 @pytest.mark.parametrize("num_draft, num_steps", [(2, 2), (3, 2)])
@@ -383,6 +471,10 @@ def test_bad_inputs_give_clear_errors():
         drafter.draft([[1], [2]], generator=[torch.Generator()])
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         drafter.draft([[1]], temperature=-1.0)
+    with pytest.raises(ValueError, match=r"revealed_tokens must be \[2, 4\]"):
+        drafter.draft([[1], [2]], revealed_tokens=torch.full((2, 3), -1))
+    with pytest.raises(ValueError, match="revealed token id 30 outside the drafter's vocabulary"):
+        drafter.draft([[1]], revealed_tokens=torch.tensor([[30, -1, -1, -1]]))
 
 
 def test_autocast_drafter_runs_fp32_weights_under_bf16_autocast():

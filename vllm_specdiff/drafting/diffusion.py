@@ -100,10 +100,22 @@ class DiffusionDrafter:
     @torch.inference_mode()
     def draft(self, contexts: Sequence[Sequence[int]],
               temperature: float | Sequence[float] | torch.Tensor = 1.0,
-              generator: Generators = None) -> DraftOutput:
+              generator: Generators = None,
+              revealed_tokens: torch.Tensor | None = None) -> DraftOutput:
         """Draft for a ragged batch. `generator`: one torch.Generator for the batch, or one per context
-        (then row r's draft equals drafting context r alone with generator r)."""
+        (then row r's draft equals drafting context r alone with generator r).
+
+        revealed_tokens [batch, num_draft_tokens] (optional, -1 = unknown): draft positions whose
+        token is already known given the context (a prompt-lookup continuation). They enter the
+        sequence as clean tokens before the first forward, are never resampled, and their recorded
+        q is one-hot (a point mass given the context: exact); the drafter denoises the other
+        positions around them in its usual order. A left-to-right step whose positions are all
+        revealed in every row runs no forward (its noise is still drawn, so a seeded row drafts
+        the same in any batch)."""
         validate_contexts(contexts, self.vocab_size)
+        known = None
+        if revealed_tokens is not None:
+            known = self._check_revealed(revealed_tokens, len(contexts))
         if getattr(self.model, "training", False) and self.model.config.dropout > 0:
             raise ValueError(f"the SEDD model is in train mode with dropout {self.model.config.dropout}: "
                              "drafts would be perturbed by dropout; call model.eval() before drafting")
@@ -125,10 +137,28 @@ class DiffusionDrafter:
         draft_positions = prefix_lens[:, None] + torch.arange(num_draft, device=device)  # [batch, num_draft]
 
         draft_probs = torch.empty((batch, num_draft, self.vocab_size), dtype=torch.float32, device=device)
+        if known is not None:
+            revealed_tokens = revealed_tokens.to(device)
+            known = known.to(device)
+            indices.scatter_(1, draft_positions, torch.where(known, revealed_tokens, self.mask_token_id))
+            draft_probs.copy_(torch.nn.functional.one_hot(revealed_tokens.clamp(min=0),
+                                                          self.vocab_size).float())
         run = self._left_to_right if self.order == "left_to_right" else self._random_order
-        run(indices, attention_mask, draft_positions, temperature, generator, draft_probs)
+        run(indices, attention_mask, draft_positions, temperature, generator, draft_probs, known)
         token_ids = torch.gather(indices, 1, draft_positions)
         return DraftOutput(token_ids=token_ids, draft_probs=draft_probs)
+
+    def _check_revealed(self, revealed_tokens: torch.Tensor, batch: int) -> torch.Tensor:
+        """[batch, num_draft] bool: which positions are revealed; clear errors for bad input."""
+        shape = (batch, self.num_draft_tokens)
+        if tuple(revealed_tokens.shape) != shape:
+            raise ValueError(f"revealed_tokens must be [{shape[0]}, {shape[1]}] (contexts x "
+                             f"num_draft_tokens, -1 = unknown), got {list(revealed_tokens.shape)}")
+        too_large = revealed_tokens >= self.vocab_size
+        if bool(too_large.any()):
+            raise ValueError(f"revealed token id {int(revealed_tokens[too_large][0])} outside the "
+                             f"drafter's vocabulary of {self.vocab_size} tokens")
+        return revealed_tokens >= 0
 
     def _log_scores(self, indices: torch.Tensor, attention_mask: torch.Tensor | None,
                     output_positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -147,7 +177,7 @@ class DiffusionDrafter:
         return [(grid[i], grid[i + 1]) for i in range(self.num_steps)] + [(grid[-1], None)]
 
     def _left_to_right(self, indices, attention_mask, draft_positions, temperature, generator,
-                       draft_probs) -> None:
+                       draft_probs, known=None) -> None:
         grid = time_grid(self.num_steps, indices.device)
         batch = indices.shape[0]
         # A batch of greedy rows draws no noise (drawing ~vocab exponentials per position is a
@@ -156,22 +186,35 @@ class DiffusionDrafter:
         for step in range(self.num_steps):
             start, end = self.block_bounds[step], self.block_bounds[step + 1]
             block_positions = draft_positions[:, start:end]  # [batch, block]
+            todo = None if known is None else ~known[:, start:end]
+            exponential = None
+            if not all_greedy:
+                exponential = draw_noise(generator, batch, (end - start, self.vocab_size),
+                                         indices.device, "exponential")
+            if todo is not None and not bool(todo.any()):
+                continue  # every row knows this block: nothing to denoise
             log_score = self._log_scores(indices, attention_mask, block_positions, grid[step])
             # The sigma offsets of scale_by_sigma cancel in the softmax; drop the mask column.
             probs = tempered_probs(log_score[..., :-1], temperature)  # [batch, block, vocab]
             if all_greedy:  # one-hot rows: the race picks the argmax whatever the noise
                 tokens = probs.argmax(-1)
             else:
-                exponential = draw_noise(generator, batch, tuple(probs.shape[1:]), indices.device,
-                                         "exponential")
                 tokens = sample_exponential_race(probs, exponential)
-            indices.scatter_(1, block_positions, tokens)
-            draft_probs[:, start:end] = probs
+            if todo is None:
+                indices.scatter_(1, block_positions, tokens)
+                draft_probs[:, start:end] = probs
+            else:  # revealed positions keep their token and their one-hot row
+                current = torch.gather(indices, 1, block_positions)
+                indices.scatter_(1, block_positions, torch.where(todo, tokens, current))
+                draft_probs[:, start:end] = torch.where(todo[..., None], probs,
+                                                        draft_probs[:, start:end])
 
     def _random_order(self, indices, attention_mask, draft_positions, temperature, generator,
-                      draft_probs) -> None:
+                      draft_probs, known=None) -> None:
         batch, num_draft = draft_positions.shape
         still_masked = torch.ones((batch, num_draft), dtype=torch.bool, device=indices.device)
+        if known is not None:
+            still_masked &= ~known
         for t, s in self.random_order_times(indices.device):
             log_score = self._log_scores(indices, attention_mask, draft_positions, t)
             p_unmask, probs = analytic_step_law(log_score, t, s, temperature)
