@@ -177,6 +177,27 @@ def test_temperature_zero_is_argmax_one_hot_under_both_policies():
     assert set(outs[0].draft_probs.unique().tolist()) == {0.0, 1.0}
 
 
+def test_seeded_rows_draft_alike_beside_rows_with_revealed_slots():
+    """Per-row generators: a row drafts the same alone and beside a row whose first steps are all
+    revealed (lookup); a step skipped for lack of masked slots still draws its noise. Drafting
+    temperature 8 flattens the tiny model's peaked laws so that a shifted stream shows."""
+    model = tiny_model(block_size=5).float()
+    drafter = ConditionedDrafter(model, 4, num_steps=4, policy="sampled")
+    cache = make_cache(drafter, 2)
+    revealed = torch.tensor([[2, -1, -1, -1], [1, 0, -1, -1]])
+    hot = torch.full((2,), 8.0)
+    for seed in range(0, 20, 2):
+        batch = drafter.draft(cache, [0, 1], torch.tensor([3, 3]), hot, revealed_tokens=revealed,
+                              generator=[torch.Generator().manual_seed(seed + s) for s in (0, 1)])
+        for row in range(2):
+            alone = drafter.draft(cache, [row], torch.tensor([3]), hot[:1],
+                                  revealed_tokens=revealed[row:row + 1],
+                                  generator=[torch.Generator().manual_seed(seed + row)])
+            assert torch.equal(alone.token_ids[0], batch.token_ids[row]), (seed, row)
+            assert torch.allclose(alone.draft_probs[0], batch.draft_probs[row], atol=1e-5)
+        assert batch.token_ids[1, :2].tolist() == [1, 0]
+
+
 @pytest.mark.parametrize("variant", ["shipped", "dflash"])
 def test_context_cache_appends_equal_one_encoding_and_batches_equal_single_rows(variant):
     model = tiny_model(block_size=4, variant=variant).float()

@@ -208,6 +208,9 @@ class ConditionedDrafter:
             todo = torch.zeros(n, block, dtype=torch.bool, device=device)
             todo[:, 1 + lo:1 + hi] = True
             todo &= ~revealed
+            noise = None
+            if any_sampled:  # drawn before a skip: a seeded row's stream must not depend on its batch
+                noise = _exponential(generator, (n, hi - lo, len(draft_vocab)), device)
             if not bool(todo.any()):
                 continue
             hidden = model.block_hidden(ids, revealed, positions, kv, mask,
@@ -218,7 +221,6 @@ class ConditionedDrafter:
             if any_sampled or probs_out is not None:
                 probs = torch.softmax(logits / safe_t[:, None, None], dim=-1)
             if any_sampled:  # Gumbel-style: argmax of p / Exp(1) is a draw from p
-                noise = _exponential(generator, probs.shape, device)
                 idx = torch.where(sample[:, None], torch.argmax(probs / noise, dim=-1), idx)
             tokens = draft_vocab[idx]
             step_todo = todo[:, 1 + lo:1 + hi]
