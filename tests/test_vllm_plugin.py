@@ -367,6 +367,57 @@ def test_proposer_drafts_all_rows_in_one_call_with_a_sliding_window(small_vocab_
     assert calls[1][1] == rows[1][-(WINDOW - NUM_DRAFT):]
 
 
+def test_sedd_blocks_are_seeded_with_prompt_lookup(small_vocab_drafter):
+    """Prompt lookup fills the leading block positions of the standalone SEDD drafter (revealed,
+    one-hot q) and the drafter denoises the rest; a row whose draft is all lookup tokens skips the
+    drafter, and a step whose rows are all lookup-only runs no drafter (one-hot verification)."""
+    proposer = _make_proposer(small_vocab_drafter, SMALL_VOCAB, adaptive=False)
+    calls = []
+    draft = proposer.drafter.draft
+    proposer.drafter.draft = lambda contexts, **kw: calls.append((contexts, kw)) or draft(contexts, **kw)
+    repeating = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]  # suffix [1, 2, 3] occurred before: lookup 4, 5, 6, 7
+    plain = [0, 1, 2, 3, 4, 5, 6, 7]  # no repeated suffix: no lookup
+    num_tokens, token_ids = _batch([repeating, plain])
+    proposer.set_sampling_state([1.0, 1.0], {})
+    proposer._req_ids = ["a", "b"]
+    drafts = proposer.propose([[3], [7]], num_tokens, token_ids)
+    assert drafts[0] == [4, 5, 6, 7] and len(drafts[1]) == NUM_DRAFT
+    # Row 0's draft is all lookup tokens: the drafter ran for row 1 only, without revealed tokens.
+    assert len(calls) == 1 and calls[0][0] == [plain] and calls[0][1]["revealed_tokens"] is None
+    probs = proposer.take_last_draft_probs()
+    assert torch.equal(probs[0], torch.nn.functional.one_hot(torch.tensor([4, 5, 6, 7]),
+                                                             SMALL_VOCAB).float())
+    assert proposer._lookup_used == {"a": 4} and proposer.stats["lookup_only_rows"] == 1
+    # A row whose block is longer than its lookup gets the lookup tokens revealed and the rest
+    # denoised; a row given 0 draft tokens (adaptive lengths) is not drafted for.
+    calls.clear()
+    num_tokens, token_ids = _batch([[9 % SMALL_VOCAB, 1, 2, 3, 1, 2], plain])  # [1, 2] -> 3, 1, 2
+    proposer.set_sampling_state([1.0, 1.0], {})
+    proposer._draft_lengths = lambda rows, found, temperature: {0: NUM_DRAFT, 1: 0}
+    drafts = proposer.propose([[2], [7]], num_tokens, token_ids)
+    assert drafts[0][:3] == [3, 1, 2] and len(drafts[0]) == NUM_DRAFT and drafts[1] == []
+    (contexts, kw), = calls
+    assert contexts == [[1, 1, 2, 3, 1, 2]]
+    assert kw["revealed_tokens"].tolist() == [[3, 1, 2, -1]]
+    probs = proposer.take_last_draft_probs()
+    assert torch.equal(probs[0, :3], torch.nn.functional.one_hot(torch.tensor([3, 1, 2]),
+                                                                 SMALL_VOCAB).float())
+    assert abs(float(probs[0, 3].sum()) - 1) < 1e-5 and float(probs[0, 3].max()) < 1
+    # Every row lookup-only: no drafter call, one-hot verification (no q passed on).
+    calls.clear()
+    proposer._draft_lengths = lambda rows, found, temperature: {0: 2}
+    num_tokens, token_ids = _batch([repeating])
+    proposer.set_sampling_state([1.0], {})
+    assert proposer.propose([[3]], num_tokens, token_ids) == [[4, 5]]
+    assert calls == [] and proposer.take_last_draft_probs() is None
+    # lookup=False: the drafter drafts every position.
+    off = _make_proposer(small_vocab_drafter, SMALL_VOCAB, adaptive=False, lookup=False)
+    off.set_sampling_state([0.0], {})
+    off._req_ids = ["a"]
+    assert off._lookup_used == {} and len(off.propose([[3]], num_tokens, token_ids)[0]) == NUM_DRAFT
+    assert off.stats.get("lookup_tokens", 0) == 0
+
+
 def test_a_failing_drafter_step_runs_without_drafts(small_vocab_drafter):
     proposer = _make_proposer(small_vocab_drafter, SMALL_VOCAB, draft_temperature=0.5)
 
@@ -478,7 +529,7 @@ def specdiff_llm(tiny_target, greedy_drafter, plain_greedy_outputs):
     # plain_greedy_outputs first: that engine is shut down before this one starts. Adaptive
     # drafting off: every step drafts, so accepted and rejected drafts are both plentiful (with it
     # on, this drafter, accepting ~1 in 10, is dropped after a few steps and ~1 token is accepted;
-    # the law tests below and tests/test_vllm_conditioned.py run adaptive engines).
+    # the vLLM-verifier law test below and tests/test_vllm_conditioned.py run adaptive engines).
     llm = make_llm(tiny_target, specdiff_config(greedy_drafter, log_every=50, adaptive=False))
     yield llm
     shutdown(llm)
@@ -508,6 +559,8 @@ class TestGreedy:
         assert drafts > 0 and accepted >= 10, after
         stats = proposer_stats(specdiff_llm)
         assert stats["steps"] > 0 and stats["draft_seconds"] > 0 and stats["failures"] == 0
+        # Prompt lookup seeded SEDD blocks (plugin default): greedy identity covers those rounds.
+        assert stats.get("lookup_tokens", 0) > 0, stats
         assert rejection_sampler_name(specdiff_llm) == "SpecDiffRejectionSampler"
 
     def test_bad_requests_do_not_take_the_engine_down(self, specdiff_llm, greedy_prompts,
@@ -642,12 +695,17 @@ def _total_variation(counts: torch.Tensor, law: torch.Tensor) -> float:
 
 def test_sampled_law_is_exact_with_the_specdiff_verifier(small_vocab_target, small_vocab_drafter,
                                                          law_a, law_b):
-    spec = specdiff_config(small_vocab_drafter, num_steps=2)
+    # Lookup on (the prompt repeats n-grams), adaptive off (every step drafts: more power, and
+    # both lookup paths occur: blocks denoised around lookup tokens, blocks lookup fills alone).
+    spec = specdiff_config(small_vocab_drafter, num_steps=2, adaptive=False, lookup=True)
     with engine(small_vocab_target, spec) as llm:
         counts_a = sample_continuations(llm, LAW_REQUESTS, **SAMPLING_A)
         counts_b = sample_continuations(llm, LAW_REQUESTS, seed_offset=10**6, **SAMPLING_B)
         counters = spec_counters(llm)
+        stats = proposer_stats(llm)
         assert rejection_sampler_name(llm) == "SpecDiffRejectionSampler"
+    assert stats["drafted_rows"] > 0 and stats.get("lookup_only_rows", 0) > 0, stats
+    assert stats["lookup_tokens"] > stats["lookup_only_rows"], stats  # also revealed in SEDD blocks
     p_a, p_b = chi_square_p(counts_a, law_a), chi_square_p(counts_b, law_b)
     # The marginal of the first two tokens: fewer cells, more power per cell.
     p_a2 = chi_square_p(counts_a.sum(-1), law_a.sum(-1))

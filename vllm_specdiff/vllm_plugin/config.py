@@ -30,8 +30,9 @@ Keys of the speculative config (vLLM's names where vLLM has one):
     adaptive               true (default): per step and request, draft only the tokens that pay
                            (drafting.adaptive: acceptance so far x measured step costs, down to 0);
                            false: always num_speculative_tokens
-    lookup                 true (default): conditioned drafters take prompt-lookup continuations
-                           of the context as revealed block positions (drafting.lookup); false: off
+    lookup                 true (default): both drafters (SEDD and conditioned) take prompt-lookup
+                           continuations of the context as revealed block positions
+                           (drafting.lookup); false: off
     seed                   base seed of the drafter's per-step generators (default: the engine seed)
     log_every              log drafter time every N engine steps (0 = never)
 """

@@ -254,15 +254,69 @@ class SpecDiffProposer:
             req_ids = self._req_ids
             rows = [row for row in rows if row < len(req_ids) and self.conditioned.anchor_ready(
                 req_ids[row], int(num_tokens_no_spec[row]) - 1)]
-            if self.config.lookup:
-                found = self._lookup(rows, token_ids_cpu, num_tokens_no_spec)
+        if self.config.lookup:
+            found = self._lookup(rows, token_ids_cpu, num_tokens_no_spec)
         lengths = self._draft_lengths(rows, found, temperature)
         rows = [row for row in rows if lengths.get(row, self.num_draft_tokens) > 0]
         if not rows:
             return drafts
+        model_rows = self._take_lookup_only(rows, lengths, found, drafts)
+        if not model_rows:
+            return drafts
         if self.conditioned is not None:
-            return self._propose_conditioned(step, rows, sampled_token_ids, num_tokens_no_spec,
-                                             temperature, generators, drafts, lengths, found)
+            drafts = self._propose_conditioned(step, model_rows, sampled_token_ids,
+                                               num_tokens_no_spec, temperature, generators, drafts,
+                                               lengths, found)
+        else:
+            drafts = self._propose_sedd(step, model_rows, num_tokens_no_spec, token_ids_cpu,
+                                        temperature, generators, drafts, lengths, found)
+        if self._last_draft_probs is not None:
+            # Lookup-only rows beside rows with full q (the tensor holds zeros for them): their
+            # law is a point mass, one-hot q.
+            probs = self._last_draft_probs
+            for row in rows:
+                if row not in model_rows:
+                    ids = torch.tensor(drafts[row], device=probs.device)
+                    probs[row, torch.arange(len(ids), device=probs.device), ids] = 1.0
+        return drafts
+
+    def _take_lookup_only(self, rows: list[int], lengths: dict[int, int],
+                          found: dict[int, list[int]], drafts: list[list[int]]) -> list[int]:
+        """Rows whose draft is all lookup tokens get them here (no drafter: ngram's cost); the
+        lookup tokens used per request are recorded for adaptive drafting. Returns the rows the
+        drafter must draft for."""
+        k = self.num_draft_tokens
+        req_ids = self._req_ids
+        model_rows = []
+        for row in rows:
+            length = lengths.get(row, k)
+            used = min(len(found.get(row, ())), length)
+            if used and row < len(req_ids):
+                self._lookup_used[req_ids[row]] = used
+            self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + used
+            if length <= used:
+                drafts[row] = found[row][:length]
+                self.stats["lookup_only_rows"] = self.stats.get("lookup_only_rows", 0) + 1
+            else:
+                model_rows.append(row)
+        return model_rows
+
+    def _revealed(self, rows: list[int], found: dict[int, list[int]]) -> torch.Tensor | None:
+        """[len(rows), k] lookup tokens as revealed block positions (-1 = to denoise), or None."""
+        if not any(row in found for row in rows):
+            return None
+        revealed = torch.full((len(rows), self.num_draft_tokens), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row in found:
+                revealed[i, :len(found[row])] = torch.tensor(found[row])
+        return revealed
+
+    def _propose_sedd(self, step: int, rows: list[int], num_tokens_no_spec: np.ndarray,
+                      token_ids_cpu: np.ndarray, temperature: np.ndarray | None,
+                      generators: Mapping[int, torch.Generator], drafts: list[list[int]],
+                      lengths: dict[int, int], found: dict[int, list[int]]) -> list[list[int]]:
+        """The standalone SEDD drafter: one batched call over the rows' context windows, lookup
+        tokens revealed in their blocks."""
         contexts = []
         for row in rows:
             end = int(num_tokens_no_spec[row])
@@ -273,15 +327,17 @@ class SpecDiffProposer:
         self._drafter_ran = True
         try:
             out = self.drafter.draft(contexts, temperature=draft_temperature,
-                                     generator=row_generators)
+                                     generator=row_generators,
+                                     revealed_tokens=self._revealed(rows, found))
             token_ids = out.token_ids.tolist()  # the host copy waits for the drafter
         except Exception:
-            return self._drafting_failed(drafts)
+            self._lookup_used = {}
+            return self._drafting_failed([[] for _ in drafts])
         elapsed = time.perf_counter() - start
         for row, ids in zip(rows, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
         if self.config.use_full_draft_probs:
-            self._keep_draft_probs(out.draft_probs, rows, num_rows)
+            self._keep_draft_probs(out.draft_probs, rows, len(drafts))
         self._record(len(rows), elapsed)
         if self._digest is not None:
             self._digest.update(repr((step, drafts)).encode())
@@ -306,59 +362,33 @@ class SpecDiffProposer:
                              num_tokens_no_spec: np.ndarray, temperature: np.ndarray | None,
                              generators: Mapping[int, torch.Generator], drafts: list[list[int]],
                              lengths: dict[int, int], found: dict[int, list[int]]) -> list[list[int]]:
-        """Lookup tokens enter each block as revealed (one-hot) positions and the drafter denoises
-        the rest around them; rows whose draft is all lookup tokens skip the drafter (ngram's
-        cost), and when no row needs the drafter it does not run this step."""
+        """The conditioned drafter from each request's cached target states: lookup tokens enter
+        each block as revealed (one-hot) positions and the drafter denoises the rest around them."""
         state = self.conditioned
         req_ids = self._req_ids
-        k = self.num_draft_tokens
-        model_rows = [row for row in rows if lengths.get(row, k) > len(found.get(row, ()))]
-        lookup_only = [row for row in rows if lengths.get(row, k) <= len(found.get(row, ()))]
-        for row in rows:
-            used = min(len(found.get(row, ())), lengths.get(row, k))
-            if used:
-                self._lookup_used[req_ids[row]] = used
-                self.stats["lookup_tokens"] = self.stats.get("lookup_tokens", 0) + used
-        for row in lookup_only:
-            drafts[row] = found[row][:lengths.get(row, k)]
-        self.stats["lookup_only_rows"] = self.stats.get("lookup_only_rows", 0) + len(lookup_only)
-        if not model_rows:
-            return drafts
-        anchors = [sampled_token_ids[row][-1] for row in model_rows]
-        draft_temperature = self._draft_temperatures(model_rows, temperature)
-        row_generators = self._generators(step, model_rows, num_tokens_no_spec, generators)
+        anchors = [sampled_token_ids[row][-1] for row in rows]
+        draft_temperature = self._draft_temperatures(rows, temperature)
+        row_generators = self._generators(step, rows, num_tokens_no_spec, generators)
         start = time.perf_counter()
-        revealed = None
-        if any(row in found for row in model_rows):
-            revealed = torch.full((len(model_rows), k), -1, dtype=torch.long)
-            for i, row in enumerate(model_rows):
-                if row in found:
-                    revealed[i, :len(found[row])] = torch.tensor(found[row])
         # Full q only when some row samples its drafts; all-argmax rounds verify one-hot (vLLM's
         # path without draft probabilities, identical law) and skip the [rows, k, vocab] tensor.
         sampled_rows = (self.config.use_full_draft_probs and self.drafter.policy == "sampled"
                         and bool((draft_temperature > 0).any()))
         self._drafter_ran = True
         try:
-            out = state.draft([req_ids[row] for row in model_rows], anchors, draft_temperature,
-                              row_generators, self.drafter.policy, revealed_tokens=revealed,
-                              with_probs=sampled_rows)
+            out = state.draft([req_ids[row] for row in rows], anchors, draft_temperature,
+                              row_generators, self.drafter.policy,
+                              revealed_tokens=self._revealed(rows, found), with_probs=sampled_rows)
             token_ids = out.token_ids.tolist()
         except Exception:
             self._lookup_used = {}
             return self._drafting_failed([[] for _ in drafts])
         elapsed = time.perf_counter() - start
-        for row, ids in zip(model_rows, token_ids):
+        for row, ids in zip(rows, token_ids):
             drafts[row] = ids[:lengths.get(row, len(ids))]
         if sampled_rows:
-            self._keep_draft_probs(out.draft_probs, model_rows, len(sampled_token_ids))
-            # Lookup-only rows (a fresh [num_rows, k, vocab] tensor holds them, zero): their law
-            # is a point mass, one-hot q.
-            probs = self._last_draft_probs
-            for row in lookup_only:
-                ids = torch.tensor(drafts[row], device=probs.device)
-                probs[row, torch.arange(len(ids), device=probs.device), ids] = 1.0
-        self._record(len(model_rows), elapsed)
+            self._keep_draft_probs(out.draft_probs, rows, len(drafts))
+        self._record(len(rows), elapsed)
         return drafts
 
     def _keep_draft_probs(self, probs: torch.Tensor, rows: list[int], num_rows: int) -> None:
