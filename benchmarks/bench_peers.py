@@ -108,10 +108,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
-    print(f"\n{device}, {dtype}, {len(prompts)} held-out prompts x {args.max_tokens} new tokens, "
-          f"{time.time() - t0:.0f} s" + ("" if args.dflash else
-                                         "; dflash left out (no DFlash-format checkpoint given)"))
-    print(format_table(results))
+    table = (f"{device}, {dtype}, {len(prompts)} held-out prompts x {args.max_tokens} new tokens, "
+             f"{time.time() - t0:.0f} s" + ("" if args.dflash else
+                                            "; dflash left out (no DFlash-format checkpoint given)")
+             + "\n" + format_table(results) + "\n")
+    out.with_suffix(".txt").write_text(table)  # the readable table beside the JSONL
+    print("\n" + table, end="")
     plot(results, out.with_suffix(""))
     return 0
 
