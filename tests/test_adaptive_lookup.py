@@ -360,3 +360,127 @@ def test_probes_cost_at_most_one_step_in_probe_every_where_drafting_pays():
     steady = decisions[policy.probe_every:]
     assert max(steady) == 16  # drafting pays at batch 4: every row drafts its 4 lookup tokens
     assert 1 <= steady.count(0) <= len(steady) // policy.probe_every + 1
+
+
+def cpu_timed_policy(**kwargs) -> AdaptiveDraftLength:
+    """A policy whose target cost fit has seen steps of batch 1 to 16 timed at cpu_step_seconds
+    (no drafter: lookup tokens only)."""
+    policy = AdaptiveDraftLength(max_draft_tokens=4, explore_every=0, **kwargs)
+    rng = np.random.default_rng(1)
+    for i in range(120):
+        n = (1, 4, 16)[i % 3]
+        drafts = int(rng.integers(0, 4 * n + 1)) if i % 2 else 0
+        policy.record_step(n, drafts, cpu_step_seconds(n + drafts), drafter_ran=False)
+    return policy
+
+
+def simulate_closed_batch(policy: AdaptiveDraftLength, accept: list[float], max_tokens: int,
+                          closed: bool, seed: int = 0) -> float:
+    """One closed batch of len(accept) requests, each accepting lookup tokens at its own rate
+    (every step offers 4), decoded to max_tokens each; seconds at cpu_step_seconds."""
+    rng = np.random.default_rng(seed)
+    reqs = [f"r{i}" for i in range(len(accept))]
+    for req, rate in zip(reqs, accept):
+        policy._counts[req] = np.array([rate * 1e6, 1e6, 0.0, 0.0])
+    left = dict.fromkeys(reqs, max_tokens)
+    seconds = 0.0
+    while left:
+        alive = list(left)
+        alloc = policy.allocate(alive, lookup_lengths=[4] * len(alive),
+                                remaining=[left[r] for r in alive] if closed else None)
+        seconds += cpu_step_seconds(len(alive) + sum(alloc))
+        for req, drafts in zip(alive, alloc):
+            rate = accept[reqs.index(req)]
+            accepted = 0
+            while accepted < drafts and rng.random() < rate:
+                accepted += 1
+            left[req] -= 1 + accepted
+            if left[req] <= 0:
+                del left[req]
+    return seconds
+
+
+def test_closed_batch_drafts_nothing_when_a_row_that_ends_the_batch_cannot_be_sped_up():
+    """A closed batch ends with its last request: drafting for 3 of 4 requests that share the end
+    gains nothing when the 4th accepts nothing; the open objective (every token counts) drafts
+    for the 3. One request: both objectives agree."""
+    policy = cpu_timed_policy()
+    reqs = ["good0", "good1", "good2", "bad"]
+    for req in reqs[:3]:
+        policy._counts[req] = np.array([0.9e6, 1e6, 0.0, 0.0])
+    policy._counts["bad"] = np.array([0.0, 1e6, 0.0, 0.0])
+    lookup = [4, 4, 4, 4]
+    assert policy.allocate(reqs, lookup, remaining=[64] * 4) == [0, 0, 0, 0]
+    assert sum(policy.allocate(reqs, lookup)[:3]) > 0
+    # The bad request 10 tokens behind (it finishes first anyway): the others draft.
+    assert all(policy.allocate(reqs, lookup, remaining=[64, 64, 64, 54])[:3])
+    for rate in (0.3, 0.6, 0.9):
+        policy._counts["one"] = np.array([rate * 1e6, 1e6, 0.0, 0.0])
+        assert policy.allocate(["one"], [4], remaining=[64]) == policy.allocate(["one"], [4])
+
+
+def test_closed_batch_rows_that_finish_early_anyway_draft_nothing():
+    policy = cpu_timed_policy()
+    reqs = [f"r{i}" for i in range(4)]
+    for req in reqs:
+        policy._counts[req] = np.array([0.9e6, 1e6, 0.0, 0.0])
+    # The long rows need 64 / (1 + 3.1) ~ 16 steps at 4 drafts; 12 and 3 tokens take fewer undrafted.
+    alloc = policy.allocate(reqs, [4] * 4, remaining=[64, 64, 12, 3])
+    assert alloc[0] > 0 and alloc[0] == alloc[1] and alloc[2] == alloc[3] == 0, alloc
+    # A row never drafts more tokens than it may still generate less one.
+    assert policy.allocate(reqs[:1], [4], remaining=[3]) == [2]
+
+
+@pytest.mark.parametrize("accept", [[0.9] * 16, [0.9] * 12 + [0.05] * 4, [0.6] * 16,
+                                    [0.95] * 4, [0.9, 0.9, 0.9, 0.05]])
+def test_closed_batch_objective_finishes_closed_batches_no_later(accept):
+    """Simulated closed batches (lookup tokens only, costs of this CPU): planning for the batch's
+    end is never slower than counting every token, and never slower than not drafting."""
+    plain = simulate_closed_batch(cpu_timed_policy(), [0.0] * len(accept), 64, closed=False)
+    open_s = np.mean([simulate_closed_batch(cpu_timed_policy(), accept, 64, False, s) for s in range(3)])
+    closed_s = np.mean([simulate_closed_batch(cpu_timed_policy(), accept, 64, True, s) for s in range(3)])
+    print(f"{accept}: plain {plain:.2f} s, open {open_s:.2f} s, closed {closed_s:.2f} s")
+    assert closed_s <= 1.01 * open_s
+    assert closed_s <= 1.01 * plain
+
+
+def test_exploration_at_a_large_batch_spends_about_one_plain_step():
+    """Seen at batch 16: an exploration step gave every row all its lookup tokens (16 + 80 tokens,
+    324 ms against a 55 ms plain step). Lookup tokens now fill at most half a plain step."""
+    policy = cpu_timed_policy()
+    policy.explore_every, policy._next_explore = 1, 1
+    reqs = [f"r{i}" for i in range(16)]
+    for req in reqs:
+        policy._counts[req] = np.array([0.0, 1e6, 0.0, 0.0])  # drafting does not pay: explore only
+    alloc = policy.allocate(reqs, lookup_lengths=[4] * 16)
+    plain = cpu_step_seconds(16)
+    assert 0 < sum(alloc) and cpu_step_seconds(16 + sum(alloc)) - plain <= 0.5 * plain, alloc
+    assert set(alloc) <= {0, 4}  # a row's lookup tokens come whole
+
+
+def test_refill_watch_tells_closed_batches_from_loaded_ones():
+    """Closed: a request finished and none joined the running ones within `window` steps. New
+    requests that start an empty batch (the next generate() call) are not a refill."""
+    from vllm_specdiff.drafting.adaptive import RefillWatch
+
+    watch = RefillWatch(window=4)
+    for _ in range(10):
+        watch.observe(finished=0, new=0, running=8)
+    assert not watch.closed  # no evidence yet: open, as a loaded server
+    watch.observe(finished=1, new=0, running=7)
+    for _ in range(3):
+        watch.observe(finished=0, new=0, running=7)
+    assert not watch.closed  # a waiting request may still come
+    watch.observe(finished=0, new=0, running=7)
+    assert watch.closed
+    watch.observe(finished=7, new=8, running=0)  # the next batch, into an empty engine
+    for _ in range(5):
+        watch.observe(finished=0, new=0, running=8)
+    assert watch.closed
+    watch.observe(finished=1, new=0, running=7)
+    watch.observe(finished=0, new=1, running=7)  # a waiting request takes the freed slot
+    assert not watch.closed
+    watch.observe(finished=2, new=2, running=6)  # refilled in the same step
+    for _ in range(6):
+        watch.observe(finished=0, new=0, running=8)
+    assert not watch.closed

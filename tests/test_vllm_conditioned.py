@@ -226,6 +226,8 @@ def test_greedy_is_token_identical_with_prefix_caching_and_chunked_prefill(
     assert drafts > 0 and accepted / drafts > 0.3, counters
     assert stats["failures"] == 0
     assert stats["num_steps"] == NUM_DRAFT  # the default T: one position per denoising step
+    # After the first request finished with no other waiting, drafting planned for closed batches.
+    assert stats.get("closed_batch_steps", 0) > 0, stats
 
 
 # Measured in vLLM's dflash with the previous round's peer (864 training sequences): 1.367 (24

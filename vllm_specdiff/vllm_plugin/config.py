@@ -28,8 +28,9 @@ Keys of the speculative config (vLLM's names where vLLM has one):
                            auto_draft_policy, sampled today). Both are exact; temperature 0 is
                            always argmax.
     adaptive               true (default): per step and request, draft only the tokens that pay
-                           (drafting.adaptive: acceptance so far x measured step costs, down to 0);
-                           false: always num_speculative_tokens
+                           (drafting.adaptive: acceptance so far x measured step costs, down to 0;
+                           in a closed batch, where no request waits for a slot, planned for the
+                           batch's end); false: always num_speculative_tokens
     lookup                 true (default): both drafters (SEDD and conditioned) take prompt-lookup
                            continuations of the context as revealed block positions
                            (drafting.lookup); false: off

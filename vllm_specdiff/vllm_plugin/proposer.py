@@ -77,13 +77,15 @@ class SpecDiffProposer:
         self._req_ids: list[str] = []
         self.adaptive = None
         if self.config.adaptive:
-            from ..drafting.adaptive import AdaptiveDraftLength
+            from ..drafting.adaptive import AdaptiveDraftLength, RefillWatch
 
             # Ranks must draft alike: with tensor parallelism the decision uses only what every rank
             # sees identically (acceptance), with the cost model's prior instead of wall times.
             tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size",
                              1) or 1)
             self.adaptive = AdaptiveDraftLength(self.num_draft_tokens, timed=tp == 1)
+            self._refill = RefillWatch()
+        self._remaining: dict[str, int] = {}  # closed batch: tokens each request may still generate
         self._last_step_time: float | None = None
         # The last propose(): whether the drafter model ran, and per request how many leading draft
         # tokens came from prompt lookup (adaptive drafting learns both sources apart).
@@ -176,6 +178,9 @@ class SpecDiffProposer:
             self._last_step_time = now
             for req_id in finished:
                 self.adaptive.forget(req_id)
+            new = len(getattr(scheduler_output, "scheduled_new_reqs", ()) or ())
+            self._refill.observe(len(finished), new, max(len(req_ids) - new, 0))
+            self._remaining = self._remaining_tokens(runner, req_ids) if self._refill.closed else {}
             if num_drafts is not None and isinstance(sampled_token_ids, list):
                 for i, req_id in enumerate(req_ids[:len(sampled_token_ids)]):
                     drafted = int(num_drafts[i])
@@ -409,14 +414,35 @@ class SpecDiffProposer:
             logger.exception("specdiff: the drafter failed; this step runs without drafts")
         return drafts
 
+    def _remaining_tokens(self, runner: Any, req_ids: list[str]) -> dict[str, int]:
+        """Tokens each request may still generate (max_tokens less its output; an upper bound when
+        it can stop at EOS); empty when any request's budget is unknown."""
+        remaining = {}
+        requests = getattr(runner, "requests", {})
+        for req_id in req_ids:
+            state = requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            if state is None or params is None:
+                return {}
+            limit = params.max_tokens
+            if limit is None:
+                limit = self.max_model_len - len(state.prompt_token_ids or ())
+            remaining[req_id] = max(int(limit) - len(state.output_token_ids), 1)
+        return remaining
+
     def _draft_lengths(self, rows: list[int], found: dict[int, list[int]],
                        temperature: np.ndarray | None) -> dict[int, int]:
         """Adaptive draft length per row (empty = num_draft_tokens for every row)."""
         if self.adaptive is None or not rows or len(self._req_ids) < max(rows) + 1:
             return {}
         sampled = None if temperature is None else [bool(temperature[row] > 0) for row in rows]
-        alloc = self.adaptive.allocate([self._req_ids[row] for row in rows],
-                                       [len(found.get(row, ())) for row in rows], sampled)
+        ids = [self._req_ids[row] for row in rows]
+        remaining = [self._remaining[r] for r in ids] \
+            if self._remaining and all(r in self._remaining for r in ids) else None
+        alloc = self.adaptive.allocate(ids, [len(found.get(row, ())) for row in rows], sampled,
+                                       remaining)
+        if remaining is not None:
+            self.stats["closed_batch_steps"] = self.stats.get("closed_batch_steps", 0) + 1
         self.stats["adaptive_draft_tokens"] = self.stats.get("adaptive_draft_tokens", 0) + sum(alloc)
         self.stats["adaptive_rows"] = self.stats.get("adaptive_rows", 0) + len(rows)
         return dict(zip(rows, alloc))
