@@ -1,6 +1,7 @@
 """specdiff against every speculator vLLM ships, in one run (embedded target, held-out BBC prompts).
 
-Engines (each in its own spawned process, Model Runner V1 without async scheduling, eager, float32 on
+Engines (each in its own spawned process, all alive at once and timed cell by cell in turn, the
+order rotating with the round; Model Runner V1 without async scheduling, eager, float32 on
 CPU): no speculation; vLLM's ngram and draft_model (AR drafter); specdiff with the standalone SEDD
 drafter; specdiff with the conditioned drafter at T = 1 and at the other given T; specdiff options
 (adaptive, lookup) as given. Every row records method, k, T, draft policy, adaptive / lookup,
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
                                       SEDD_DRAFTER_DIR, prepare_target, target_tokenizer)
     from vllm_specdiff.data import heldout_prompts
     from vllm_specdiff.engine.offline import (EngineSpec, add_speedups, default_dtype, device_name,
-                                              format_table, run_isolated)
+                                              format_table, run_interleaved,
+                                              run_isolated)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,4,16")
@@ -59,6 +61,10 @@ def main(argv=None) -> int:
                         help="only these engine kinds, comma-separated (none, ngram, draft_model, "
                              "dflash, sedd, conditioned); default: all. A partial run is a "
                              "diagnosis, not the comparison: best-peer ratios cover the peers run")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                        help="all engines alive at once (one process each), every cell timed on "
+                             "each in turn, so the host's drift hits a cell's engines alike "
+                             "(default); --no-interleave: one engine after another")
     parser.add_argument("--out", default="benchmarks/results/peers.jsonl")
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.min_prompts is not None and args.min_prompts < 1):
@@ -92,7 +98,13 @@ def main(argv=None) -> int:
         engines = [spec for spec in engines if spec.kind in kinds]
     results, t0 = [], time.time()
     runs: dict[int, list[list[dict]]] = {}
-    for round_index in range(args.rounds):
+    if args.interleave:
+        per_engine = run_interleaved(engines, target, prompts, batches, temperatures,
+                                     args.max_tokens, rounds=args.rounds, dtype=dtype,
+                                     min_prompts=args.min_prompts,
+                                     progress=lambda line: print(f"[peers] {line}", flush=True))
+        runs = dict(enumerate(per_engine))
+    for round_index in range(0 if args.interleave else args.rounds):
         for index, spec in enumerate(engines):
             print(f"[peers] round {round_index + 1}/{args.rounds}: {spec.label} ...", flush=True)
             runs.setdefault(index, []).append(run_isolated(

@@ -799,3 +799,24 @@ def test_tensor_parallel_ranks_draft_bit_identically(small_vocab_target, small_v
     assert rank0["steps"] > 0 and rank0["digest"] == rank1["digest"]
     assert result["accepted"] > 0
     assert result["lengths"] == [8] * 64
+
+
+def test_interleaved_engines_time_each_cell_on_every_engine(tiny_target):
+    """bench_peers' default: every engine alive in its own process, one running at a time, each
+    cell timed on all of them in turn; rows come back per engine and round in cell order."""
+    from vllm_specdiff.engine.offline import EngineSpec, run_interleaved
+
+    specs = [EngineSpec("none"), EngineSpec("ngram", num_draft_tokens=2)]
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12]]
+    seen: list[str] = []
+    rows = run_interleaved(specs, str(tiny_target), prompts, batches=[1, 2], temperatures=[0.0],
+                           max_tokens=4, rounds=2, dtype="float32", max_model_len=256,
+                           progress=seen.append)
+    assert len(rows) == 2 and all(len(per_round) == 2 for per_round in rows)
+    for spec, per_round in zip(specs, rows):
+        for cells in per_round:
+            assert [(r["temperature"], r["batch"]) for r in cells] == [(0.0, 1), (0.0, 2)]
+            assert all(r["label"] == spec.label and r["tokens"] == 8 for r in cells)
+    assert all(r["num_drafts"] == 0 for cells in rows[0] for r in cells)
+    assert seen[0].startswith("built no speculation") and seen[1].startswith("built ngram k=2")
+    assert sum("done" in line for line in seen) == 4

@@ -349,9 +349,9 @@ class AdaptiveDraftLength:
         steps = remaining[:, None] / (1.0 + gain)  # [n, k+1], falling along a
         levels = np.unique(steps)
         need = (steps[None, :, :] > levels[:, None, None]).sum(axis=2)  # [L, n]: drafts to reach L
-        alloc = np.unique(np.concatenate([np.minimum(need, np.minimum(lookup, cap)[None]),
-                                          np.minimum(need, np.minimum(k, cap)[None]),
-                                          np.zeros((1, n), dtype=np.int64)]), axis=0)
+        alloc = np.concatenate([np.zeros((1, n), dtype=np.int64),  # drafting nothing first
+                                np.minimum(need, np.minimum(lookup, cap)[None]),
+                                np.minimum(need, np.minimum(k, cap)[None])])
         finish = remaining[None, :] / (1.0 + gain[np.arange(n)[None, :], alloc])  # [C, n]
         order = np.argsort(-finish, axis=1, kind="stable")
         finish = np.take_along_axis(finish, order, axis=1)
@@ -363,7 +363,7 @@ class AdaptiveDraftLength:
         alive = np.arange(1, n + 1)[None, :]
         cost = self.token_time(alive + tokens) + np.where(rows > 0, draft + d0 + d1 * rows, 0.0)
         total = (phase * cost).sum(axis=1)
-        plain = total[~alloc.any(axis=1)][0]
+        plain = total[0]
         best = int(np.argmin(total))
         if alloc[best].any() and total[best] * (1 + self.min_gain) < plain:
             return alloc[best]

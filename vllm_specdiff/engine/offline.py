@@ -145,6 +145,17 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
     engine_kwargs: more LLM(...) arguments (e.g. block_size). min_prompts: each cell runs
     max(batch, min_prompts) prompts (the list cycled) instead of all of them, so that a batch-1 cell
     costs as much wall time as a full batch-16 one rather than 16 times more."""
+    llm, build_s = build_engine(spec, target, prompts, max(batches), dtype, seed, max_model_len,
+                                engine_kwargs)
+    return [run_cell(llm, spec, prompts, batch, temperature, max_tokens, dtype=dtype, seed=seed,
+                     repeats=repeats, min_prompts=min_prompts, build_s=build_s)
+            for temperature in temperatures for batch in batches]
+
+
+def build_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], max_num_seqs: int,
+                 dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 1024,
+                 engine_kwargs: dict[str, Any] | None = None) -> tuple[Any, float]:
+    """An LLM for `spec` (in this process), warmed up; returns (llm, build seconds)."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # This process already isolates the engine; in-process engine core builds in seconds, not ~45 s.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -158,53 +169,133 @@ def run_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]], 
     build_start = time.perf_counter()
     llm = LLM(model=target, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
               speculative_config=spec.speculative_config(), disable_log_stats=False,
-              async_scheduling=False, distributed_executor_backend="uni", max_num_seqs=max(batches),
+              async_scheduling=False, distributed_executor_backend="uni", max_num_seqs=max_num_seqs,
               **(engine_kwargs or {}))
     build_s = time.perf_counter() - build_start
     # Warm-up: first-call allocations and lazy imports are not part of any measurement.
     llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))],
                  SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
-    results = []
-    for temperature in temperatures:
-        for batch in batches:
-            cell = list(prompts) if min_prompts is None else \
-                [prompts[i % len(prompts)] for i in range(max(batch, min_prompts))]
-            before = spec_counters(llm.get_metrics())
-            plugin_before = plugin_stats(llm)
-            tokens, texts = 0, []
-            start = time.perf_counter()
-            for _ in range(repeats):
-                for first in range(0, len(cell), batch):
-                    group = cell[first:first + batch]
-                    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                             ignore_eos=True, seed=seed + first + i)
-                              for i in range(len(group))]
-                    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in group],
-                                           params, use_tqdm=False)
-                    tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-                    texts.extend(o.outputs[0].text for o in outputs)
-            seconds = time.perf_counter() - start
-            counters = _delta(spec_counters(llm.get_metrics()), before)
-            plugin = _plugin_delta(plugin_stats(llm), plugin_before)
-            k = spec.num_draft_tokens
-            results.append({
-                "method": spec.method, "kind": spec.kind, "label": spec.label, "drafter": spec.drafter,
-                "options": dict(spec.options),
-                "runner_settings": {"model_runner": "v1", "async_scheduling": False,
-                                    "enforce_eager": True},
-                "num_draft_tokens": k, "num_steps": spec.num_steps, "window": spec.window,
-                "batch": batch, "temperature": temperature, "dtype": dtype,
-                "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "engine_build_s": build_s, "num_drafts": counters["drafts"],
-                "num_accepted_tokens": counters["accepted"],
-                "acceptance_histogram": acceptance_histogram(counters["drafts"],
-                                                             counters["accepted_per_pos"], k) if k else [],
-                "mean_acceptance_length": (1 + counters["accepted"] / counters["drafts"])
-                if counters["drafts"] else None,
-                "sample": texts[0] if texts else "",
-                **plugin,
-            })
-    return results
+    return llm, build_s
+
+
+def run_cell(llm: Any, spec: EngineSpec, prompts: Sequence[Sequence[int]], batch: int,
+             temperature: float, max_tokens: int, dtype: str = "bfloat16", seed: int = 0,
+             repeats: int = 1, min_prompts: int | None = None, build_s: float | None = None
+             ) -> dict[str, Any]:
+    """Time one (temperature, batch) cell on a built engine: tokens/s, vLLM's acceptance counters
+    and the plugin's per-step costs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cell = list(prompts) if min_prompts is None else \
+        [prompts[i % len(prompts)] for i in range(max(batch, min_prompts))]
+    before = spec_counters(llm.get_metrics())
+    plugin_before = plugin_stats(llm)
+    tokens, texts = 0, []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for first in range(0, len(cell), batch):
+            group = cell[first:first + batch]
+            params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                     ignore_eos=True, seed=seed + first + i)
+                      for i in range(len(group))]
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in group],
+                                   params, use_tqdm=False)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+            texts.extend(o.outputs[0].text for o in outputs)
+    seconds = time.perf_counter() - start
+    counters = _delta(spec_counters(llm.get_metrics()), before)
+    plugin = _plugin_delta(plugin_stats(llm), plugin_before)
+    k = spec.num_draft_tokens
+    return {
+        "method": spec.method, "kind": spec.kind, "label": spec.label, "drafter": spec.drafter,
+        "options": dict(spec.options),
+        "runner_settings": {"model_runner": "v1", "async_scheduling": False,
+                            "enforce_eager": True},
+        "num_draft_tokens": k, "num_steps": spec.num_steps, "window": spec.window,
+        "batch": batch, "temperature": temperature, "dtype": dtype,
+        "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "engine_build_s": build_s, "num_drafts": counters["drafts"],
+        "num_accepted_tokens": counters["accepted"],
+        "acceptance_histogram": acceptance_histogram(counters["drafts"],
+                                                     counters["accepted_per_pos"], k) if k else [],
+        "mean_acceptance_length": (1 + counters["accepted"] / counters["drafts"])
+        if counters["drafts"] else None,
+        "sample": texts[0] if texts else "",
+        **plugin,
+    }
+
+
+def _cell_server(conn, spec: EngineSpec, build_args: tuple, cell_kwargs: dict) -> None:
+    """An engine process of run_interleaved: build, say ready, then run cells on request."""
+    try:
+        llm, build_s = build_engine(spec, *build_args)
+        conn.send(("ok", build_s))
+        while True:
+            command = conn.recv()
+            if command is None:
+                return
+            temperature, batch = command
+            conn.send(("ok", run_cell(llm, spec, build_args[1], batch, temperature,
+                                      build_s=build_s, **cell_kwargs)))
+    except BaseException as err:  # report, never hang the parent
+        import traceback
+
+        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+def run_interleaved(specs: Sequence[EngineSpec], target: str, prompts: Sequence[Sequence[int]],
+                    batches: Sequence[int], temperatures: Sequence[float], max_tokens: int,
+                    rounds: int = 1, dtype: str = "bfloat16", seed: int = 0,
+                    max_model_len: int = 1024, min_prompts: int | None = None,
+                    progress: Any = None) -> list[list[list[dict[str, Any]]]]:
+    """Every engine in its own spawned process, all alive at once but one running at a time: each
+    (temperature, batch) cell is timed on every engine in turn (the order rotating with the round),
+    so that the host's drift (20-30% between minutes on this CPU) falls on all engines of a cell
+    alike. Returns per engine, per round, its rows in cell order (as run_isolated's)."""
+    context = multiprocessing.get_context("spawn")
+    servers = []
+    try:
+        for spec in specs:  # built one after another: builds are CPU-heavy
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_cell_server, daemon=True,
+                args=(child, spec, (target, prompts, max(batches), dtype, seed, max_model_len, None),
+                      {"max_tokens": max_tokens, "dtype": dtype, "seed": seed,
+                       "min_prompts": min_prompts}))
+            process.start()
+            servers.append((spec, parent, process))
+            status, payload = parent.recv()
+            if status != "ok":
+                raise RuntimeError(f"engine {spec.label} failed to start:\n{payload}")
+            if progress:
+                progress(f"built {spec.label} ({payload:.0f} s)")
+        cells = [(t, b) for t in temperatures for b in batches]
+        rows: list[list[list[dict[str, Any]]]] = [[[] for _ in range(rounds)] for _ in specs]
+        for round_index in range(rounds):
+            for temperature, batch in cells:
+                order = list(range(len(specs)))
+                shift = round_index % len(order)
+                for index in order[shift:] + order[:shift]:
+                    spec, conn, _ = servers[index]
+                    conn.send((temperature, batch))
+                    status, payload = conn.recv()
+                    if status != "ok":
+                        raise RuntimeError(f"engine {spec.label} failed:\n{payload}")
+                    rows[index][round_index].append(payload)
+                if progress:
+                    progress(f"round {round_index + 1}/{rounds}: temperature {temperature:g}, "
+                             f"batch {batch} done")
+        return rows
+    finally:
+        for _, conn, process in servers:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
 
 
 def _child(queue, args, kwargs) -> None:
