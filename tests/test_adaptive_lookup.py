@@ -484,3 +484,12 @@ def test_refill_watch_tells_closed_batches_from_loaded_ones():
     for _ in range(6):
         watch.observe(finished=0, new=0, running=8)
     assert not watch.closed
+    # Closed again, then a server's next wave: its requests trickle in over several steps.
+    watch.observe(finished=8, new=0, running=0)
+    for _ in range(4):
+        watch.observe(finished=0, new=0, running=0)
+    assert watch.closed
+    watch.observe(finished=0, new=3, running=0)
+    assert watch.closed
+    watch.observe(finished=0, new=5, running=3)
+    assert not watch.closed

@@ -172,9 +172,14 @@ def build_engine(spec: EngineSpec, target: str, prompts: Sequence[Sequence[int]]
               async_scheduling=False, distributed_executor_backend="uni", max_num_seqs=max_num_seqs,
               **(engine_kwargs or {}))
     build_s = time.perf_counter() - build_start
-    # Warm-up: first-call allocations and lazy imports are not part of any measurement.
-    llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))],
-                 SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    # Warm-up: first-call allocations, lazy imports and the drafter's first passes (its weights
+    # paged in: with eight engines alive the page cache is small, and a drafter engine's first
+    # cell ran at ~0.6x of its second) are not part of any measurement. Greedy and sampled, long
+    # enough for speculation to draft.
+    for temperature in (0.0, 1.0):
+        llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))],
+                     SamplingParams(max_tokens=32, temperature=temperature, seed=seed),
+                     use_tqdm=False)
     return llm, build_s
 
 
