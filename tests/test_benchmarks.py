@@ -636,3 +636,25 @@ def test_plugin_cost_per_cell_is_a_per_engine_step_difference():
     assert delta["drafter_ms_per_step"] == pytest.approx(10.0)
     assert _plugin_delta({}, {}) == {}  # not a specdiff engine
     assert _plugin_delta(before, before)["plugin_ms_per_step"] is None  # no steps in the cell
+
+
+def _exit_at_once() -> None:
+    import os
+
+    os._exit(3)
+
+
+def test_a_dead_interleaved_engine_is_named_with_the_fix():
+    """An engine process killed mid-run (the OOM killer, with every engine alive) ends the run with
+    its name and the way out, not an EOFError or a hang."""
+    import multiprocessing
+
+    from vllm_specdiff.engine.offline import _reply
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_exit_at_once)
+    process.start()
+    child.close()
+    with pytest.raises(RuntimeError, match=r"engine ngram k=2 died \(exit code 3\).*--no-interleave"):
+        _reply(EngineSpec("ngram", num_draft_tokens=2), parent, process)

@@ -407,10 +407,10 @@ class RefillWatch:
     loaded server, an offline job with more prompts than max_num_seqs) or requests trickling in
     (a server's clients; an offline `generate` schedules all its prompts in one step). New
     requests that start an empty batch in one step (the next `generate` call) change nothing.
-    Seen with joins counted only after a finish: a server whose concurrency-4 and -16 waves
-    finished in lockstep never saw a refill, stayed closed although its client refills every
-    slot at once, and served at 0.73-0.87x at concurrency 16 (drift included). In an open batch
-    every token counts; in a closed one only how soon the batch ends."""
+    Counting joins only right after a finish, a server whose waves finish in lockstep never sees
+    a refill and stays closed although its client refills every slot at once (the likely cause,
+    not isolated from the host's drift, of a serving run at 0.72-0.95x at concurrency 16). In
+    an open batch every token counts; in a closed one only how soon the batch ends."""
     window: int = 4
     _step: int = 0
     _last_finish: int | None = None

@@ -249,6 +249,22 @@ def _cell_server(conn, spec: EngineSpec, build_args: tuple, cell_kwargs: dict) -
         conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
 
+def _reply(spec: EngineSpec, conn, process) -> Any:
+    """The engine process's answer; a process that died (the OOM killer: eight engines take ~21 GB
+    here) is named with the fix instead of an EOFError."""
+    try:
+        status, payload = conn.recv()
+    except EOFError:
+        process.join(timeout=5)
+        raise RuntimeError(
+            f"engine {spec.label} died (exit code {process.exitcode}); with every engine alive at "
+            "once this needs ~2.7 GB per engine: run fewer engines (--engines) or pass "
+            "--no-interleave") from None
+    if status != "ok":
+        raise RuntimeError(f"engine {spec.label} failed:\n{payload}")
+    return payload
+
+
 def run_interleaved(specs: Sequence[EngineSpec], target: str, prompts: Sequence[Sequence[int]],
                     batches: Sequence[int], temperatures: Sequence[float], max_tokens: int,
                     rounds: int = 1, dtype: str = "bfloat16", seed: int = 0,
@@ -269,12 +285,11 @@ def run_interleaved(specs: Sequence[EngineSpec], target: str, prompts: Sequence[
                       {"max_tokens": max_tokens, "dtype": dtype, "seed": seed,
                        "min_prompts": min_prompts}))
             process.start()
+            child.close()  # the parent's copy: a dead engine then reads as EOF, not a hang
             servers.append((spec, parent, process))
-            status, payload = parent.recv()
-            if status != "ok":
-                raise RuntimeError(f"engine {spec.label} failed to start:\n{payload}")
+            build_s = _reply(spec, parent, process)
             if progress:
-                progress(f"built {spec.label} ({payload:.0f} s)")
+                progress(f"built {spec.label} ({build_s:.0f} s)")
         cells = [(t, b) for t in temperatures for b in batches]
         rows: list[list[list[dict[str, Any]]]] = [[[] for _ in range(rounds)] for _ in specs]
         for round_index in range(rounds):
@@ -282,12 +297,9 @@ def run_interleaved(specs: Sequence[EngineSpec], target: str, prompts: Sequence[
                 order = list(range(len(specs)))
                 shift = round_index % len(order)
                 for index in order[shift:] + order[:shift]:
-                    spec, conn, _ = servers[index]
+                    spec, conn, process = servers[index]
                     conn.send((temperature, batch))
-                    status, payload = conn.recv()
-                    if status != "ok":
-                        raise RuntimeError(f"engine {spec.label} failed:\n{payload}")
-                    rows[index][round_index].append(payload)
+                    rows[index][round_index].append(_reply(spec, conn, process))
                 if progress:
                     progress(f"round {round_index + 1}/{rounds}: temperature {temperature:g}, "
                              f"batch {batch} done")
